@@ -37,7 +37,7 @@ from scipy.integrate import solve_ivp
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from sde import likelihood  # noqa: E402
-from sde.data import EmbeddedMNISTWarning, load_dataset, uint8_to_float  # noqa: E402
+from sde.data import EmbeddedMNISTWarning, evaluation_subset, load_dataset, uint8_to_float  # noqa: E402
 from sde.inference import load_ema_model  # noqa: E402
 from sde.losses import LossConfig, make_loss_fn  # noqa: E402
 from sde.models import create_model  # noqa: E402
@@ -173,8 +173,7 @@ def main() -> None:
 
     with warnings.catch_warnings():  # never measure "held-out" bits/dim on a fallback split
         warnings.simplefilter("error", EmbeddedMNISTWarning)
-        images, _ = load_dataset(config, args.split)
-    images = images[:args.num_images]
+        images, _ = evaluation_subset(*load_dataset(config, args.split), args.num_images, seed=args.seed)
     dims = images[0].numel()
     generator = torch.Generator().manual_seed(args.seed)
     x = uint8_to_float(images, dequantize=True, generator=generator).to(device)

@@ -110,4 +110,8 @@ def run_mode(mode: str, config, workdir: str) -> dict[str, Any] | None:
         from sde.run_compare import compare
 
         return compare(config, workdir)
-    raise ValueError(f"unknown mode {mode!r}; accepted: train, sample, eval, compare")
+    if mode == "export":
+        from sde.run_export import export
+
+        return export(config, workdir)
+    raise ValueError(f"unknown mode {mode!r}; accepted: train, sample, eval, compare, export")

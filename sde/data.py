@@ -592,6 +592,20 @@ def load_dataset(config: ml_collections.ConfigDict, split: str | None = None) ->
     return images, labels
 
 
+def evaluation_subset(images: Tensor, labels: Tensor | None, count: int, seed: int = 0
+                      ) -> tuple[Tensor, Tensor | None]:
+    """``count`` images (all when ``count`` <= 0 or >= N) in a fixed random order.
+
+    Evaluation subsets must not be the first ``count`` rows: files such as ``train5k`` are
+    sorted by class, so its first 100 images are all zeros. The order is a permutation
+    seeded by ``seed`` alone, so every run, rank count and metric sees the same images.
+    """
+    if count <= 0 or count >= len(images):
+        return images, labels
+    order = torch.randperm(len(images), generator=torch.Generator().manual_seed(seed))[:count]
+    return images[order], None if labels is None else labels[order]
+
+
 # =========================================================================================
 # Training batches
 # =========================================================================================

@@ -1,6 +1,7 @@
 """Load a trained network for sampling and evaluation: EMA weights from a run or a file."""
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -28,6 +29,7 @@ def load_ema_model(config, workdir: str | Path, device: torch.device,
                                     f"the latest checkpoint in the workdir")
         if source.suffix == ".safetensors":
             metadata = checkpoint.import_safetensors(model, source)
+            check_exported_config(config, metadata, source)
             step = int(metadata["step"]) if "step" in metadata else None
         else:
             state = checkpoint.load_checkpoint(source)
@@ -43,6 +45,35 @@ def load_ema_model(config, workdir: str | Path, device: torch.device,
         source = run.checkpoints / f"checkpoint_{step}.pt"
         checkpoint.load_model_weights(model, state["ema"], f"EMA weights of {source}")
     return model.to(device).eval().requires_grad_(False), str(source), step
+
+
+#: Config groups that must agree between exported weights and the config that uses them:
+#: the architecture (also checked key by key on load) and the SDE the network was trained for.
+MATCHING_GROUPS = ("sde", "model")
+#: Keys of those groups that do not change what the weights mean.
+FREE_KEYS = {"model": ("dropout", "ema_rate")}
+
+
+def check_exported_config(config, metadata: dict[str, str], source: Path) -> None:
+    """Refuse weights whose export-time SDE or model config differs from ``config``.
+
+    An eps-network trained for one SDE samples noise under another with no error; the
+    config stored by ``--mode export`` lets that be caught with the differing keys named.
+    """
+    if "config" not in metadata:
+        return
+    exported = json.loads(metadata["config"])
+    differences = []
+    for group in MATCHING_GROUPS:
+        for key, value in config[group].to_dict().items():
+            if key in FREE_KEYS.get(group, ()) or key not in exported.get(group, {}):
+                continue
+            trained = exported[group][key]
+            if (list(value) if isinstance(value, tuple) else value) != trained:
+                differences.append(f"{group}.{key}={value!r} (weights: {trained!r})")
+    if differences:
+        raise ValueError(f"{source} was trained with a different config: {'; '.join(differences)}; "
+                         f"use the config it was exported with (its metadata holds it)")
 
 
 def sample_generators(seed: int, first: int, count: int, device: torch.device) -> list[torch.Generator]:

@@ -9,6 +9,7 @@ newest readable checkpoint, bit-identically on CPU.
 """
 from __future__ import annotations
 
+import collections
 import contextlib
 import copy
 import logging
@@ -150,9 +151,11 @@ def train(config, workdir: str | Path) -> dict[str, Any]:
                                            eps=train_cfg.eps))
 
     step = 0
+    earlier_wall_time = 0.0  # training seconds of the runs this one resumes
     restored = checkpoint.load_latest(run.checkpoints, map_location=device)
     if restored is not None:
         step, state = restored
+        earlier_wall_time = float(state.get("wall_time_s", 0.0))
         checkpoint.load_model_weights(model, state["model"], f"checkpoint of step {step}")
         checkpoint.load_model_weights(ema.model, state["ema"], f"EMA of checkpoint of step {step}")
         optimizer.load_state_dict(state["optimizer"])
@@ -171,7 +174,8 @@ def train(config, workdir: str | Path) -> dict[str, Any]:
     def training_state() -> dict[str, Any]:
         return {"model": model.state_dict(), "ema": ema.model.state_dict(),
                 "optimizer": optimizer.state_dict(), "step": step,
-                "data": stream.state_dict(), "rng": _rng_state(noise_generator)}
+                "data": stream.state_dict(), "rng": _rng_state(noise_generator),
+                "wall_time_s": earlier_wall_time + time.perf_counter() - start}
 
     def snapshot() -> None:
         weights = list(model.parameters()) + list(ema.model.parameters())
@@ -185,6 +189,7 @@ def train(config, workdir: str | Path) -> dict[str, Any]:
     writer = SummaryWriter(str(run.tensorboard)) if context.is_main else None
     bad_steps_in_a_row = bad_steps_total = 0
     last_loss = float("nan")
+    recent_losses: collections.deque[float] = collections.deque(maxlen=train_cfg.log_freq)
     images_seen, window_start = 0, time.perf_counter()
     start = time.perf_counter()
     progress = tqdm(total=train_cfg.n_iters, initial=step, disable=not context.is_main,
@@ -223,6 +228,7 @@ def train(config, workdir: str | Path) -> dict[str, Any]:
             ema.update(model, step)
             step += 1
             last_loss = global_loss.item()
+            recent_losses.append(last_loss)
             images_seen += x0.shape[0] * context.world_size
             progress.update(1)
 
@@ -251,8 +257,13 @@ def train(config, workdir: str | Path) -> dict[str, Any]:
     if writer is not None:
         writer.close()
     summary = {"step": step, "wall_time_s": time.perf_counter() - start,
-               "last_loss": last_loss, "bad_steps": bad_steps_total,
-               "interrupted": stop.signal_name}
+               "total_wall_time_s": earlier_wall_time + time.perf_counter() - start,
+               "last_loss": last_loss,
+               "mean_loss_last_steps": sum(recent_losses) / max(1, len(recent_losses)),
+               "last_steps": len(recent_losses), "bad_steps": bad_steps_total,
+               "parameters": count_parameters(model), "interrupted": stop.signal_name}
+    if context.is_main:
+        run.write_json("train_summary.json", summary)
     distributed.barrier()
     return summary
 

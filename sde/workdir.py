@@ -54,5 +54,11 @@ class Workdir:
 
     def write_config(self, config) -> None:
         """Freeze the resolved config into ``config.json`` (atomically)."""
-        payload = json.dumps(config.to_dict(), indent=2, sort_keys=True, default=list).encode()
-        atomic_write(self.root / "config.json", lambda handle: handle.write(payload))
+        self.write_json("config.json", config.to_dict())
+
+    def write_json(self, name: str, payload: dict) -> Path:
+        """Write ``payload`` as indented JSON to ``root/name`` (atomically); returns the path."""
+        encoded = json.dumps(payload, indent=2, sort_keys=True, default=list).encode()
+        path = self.root / name
+        atomic_write(path, lambda handle: handle.write(encoded))
+        return path

@@ -26,7 +26,7 @@ def test_train_writes_checkpoints_tensorboard_and_samples(tiny_run):
     steps = [step for step, _ in checkpoint.list_checkpoints(tmp_path / "checkpoints")]
     assert steps == [3, 6]
     state = checkpoint.load_checkpoint(tmp_path / "checkpoints" / "checkpoint_6.pt")
-    assert set(state) == {"model", "ema", "optimizer", "step", "data", "rng"}
+    assert set(state) == {"model", "ema", "optimizer", "step", "data", "rng", "wall_time_s"}
     assert json.loads((tmp_path / "config.json").read_text())["training"]["n_iters"] == 6
     accumulator = event_accumulator.EventAccumulator(str(tmp_path / "tb"))
     accumulator.Reload()

@@ -1,0 +1,40 @@
+"""``--mode export``: the EMA weights of a run as safetensors, with the config they need.
+
+Writes ``workdir/export/ema_step<step>.safetensors`` from the newest readable checkpoint
+(or ``sampling.checkpoint``, a ``.pt``). The file's metadata holds the training step, the
+resolved config (JSON) and, when the run wrote one, its training summary, so the weights
+carry what is needed to use them; ``sampling.checkpoint=<file>`` then runs
+``--mode sample``, ``eval`` and ``compare`` on them with no workdir or training.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from sde import checkpoint
+from sde.inference import load_ema_model
+from sde.workdir import Workdir
+
+
+def export(config, workdir: str | Path) -> dict[str, Any]:
+    """Run ``--mode export``; returns the path written and its metadata."""
+    if config.sampling.checkpoint.endswith(".safetensors"):
+        raise ValueError(f"sampling.checkpoint={config.sampling.checkpoint!r} is already exported "
+                         f"weights; give a .pt checkpoint or leave it empty for the workdir's newest")
+    run = Workdir(workdir)
+    model, source, step = load_ema_model(config, workdir, torch.device("cpu"),
+                                         config.sampling.checkpoint)
+    metadata = {"step": str(step), "source": source,
+                "config": json.dumps(config.to_dict(), sort_keys=True, default=list)}
+    summary_path = run.root / "train_summary.json"
+    if summary_path.is_file():
+        metadata["train_summary"] = summary_path.read_text()
+    path = run.root / "export" / f"ema_step{step}.safetensors"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    checkpoint.export_safetensors(model, path, metadata)
+    size_mb = path.stat().st_size / 2**20
+    return {"path": str(path), "step": step, "size_mb": size_mb,
+            "message": f"exported the EMA weights of {source} (step {step}) to {path} ({size_mb:.1f} MB)"}
