@@ -129,8 +129,15 @@ class Launch:
         return int(match.group(2)) if match else None
 
 
+#: Checkpoint entries that measure the run instead of being its state (the training time
+#: carried across resumes): left out when a resumed run is compared with an uninterrupted one.
+TIMING_KEYS = ("wall_time_s",)
+
+
 def final_state(workdir: Path) -> dict:
-    return checkpoint.load_checkpoint(checkpoint.checkpoint_path(workdir / "checkpoints", N_ITERS))
+    """The final checkpoint without `TIMING_KEYS`: what must be bit-identical after resumes."""
+    state = checkpoint.load_checkpoint(checkpoint.checkpoint_path(workdir / "checkpoints", N_ITERS))
+    return {key: value for key, value in state.items() if key not in TIMING_KEYS}
 
 
 def identical(a, b) -> bool:

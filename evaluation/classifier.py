@@ -103,7 +103,8 @@ class ClassifierMetrics:
     """Streaming classifier metrics over batches of uint8 MNIST images.
 
     The state is three sums (confidence, entropy, class counts) and an image count, so two
-    instances (e.g. from two processes) merge by adding them (`merge`).
+    instances merge by adding them (`merge`), and instances in several processes by summing
+    their `to_arrays` (all_reduce) and `load_arrays` of the sum.
     """
 
     def __init__(self, classifier: nn.Module | None = None, device: torch.device | str = "cpu"):
@@ -130,6 +131,18 @@ class ClassifierMetrics:
         self.confidence_sum += other.confidence_sum
         self.entropy_sum += other.entropy_sum
         self.class_histogram += other.class_histogram
+
+    def to_arrays(self) -> dict[str, np.ndarray]:
+        """The state as arrays (float64 sums, int64 counts) that add up over processes."""
+        return {"count": np.asarray(self.count, dtype=np.int64),
+                "sums": np.array([self.confidence_sum, self.entropy_sum]),
+                "class_histogram": self.class_histogram.copy()}
+
+    def load_arrays(self, arrays: dict[str, np.ndarray]) -> None:
+        """Take the state from ``arrays`` (e.g. `to_arrays` summed over processes)."""
+        self.count = int(np.asarray(arrays["count"]))
+        self.confidence_sum, self.entropy_sum = (float(value) for value in np.asarray(arrays["sums"]))
+        self.class_histogram = np.asarray(arrays["class_histogram"], dtype=np.int64).copy()
 
     def result(self) -> dict:
         """mean_confidence (mean max softmax), mean_entropy (nats, per image),

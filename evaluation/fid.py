@@ -5,18 +5,21 @@ the exact streaming mean and covariance of all images (`evaluation.statistics`);
 uniform random sample of at most `KID_RESERVOIR_SIZE` feature vectors per set
 (`evaluation.kid`). Reference statistics of a dataset are computed once and cached as
 ``<cache_dir>/inception_<dataset>_<split>_<count>.npz``.
+
+A set of known size may be split between processes (`FeatureAccumulator`): its state is
+sums, so the processes' arrays add up to those of the whole set, whatever the split.
 """
 from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Callable, Iterable
+from typing import Callable, Iterable, Mapping
 
 import numpy as np
 import torch
 
 from evaluation.inception import FEATURE_DIM
-from evaluation.kid import KID_NUM_SUBSETS, KID_SUBSET_SIZE, FeatureReservoir, kid
+from evaluation.kid import KID_NUM_SUBSETS, KID_SUBSET_SIZE, FeatureReservoir, IndexedFeatureSample, kid
 from evaluation.statistics import FeatureStats, fid
 
 KID_RESERVOIR_SIZE = 10 * KID_SUBSET_SIZE
@@ -25,6 +28,8 @@ d = 2048). FID always uses every image; KID subsets are drawn from this uniform 
 
 ImageBatches = Iterable[torch.Tensor | np.ndarray]
 FeatureExtractor = Callable[[torch.Tensor | np.ndarray], torch.Tensor]
+ArraySum = Callable[[Mapping[str, np.ndarray]], Mapping[str, np.ndarray]]
+"""Sums each named array over the processes that share a set (an all_reduce)."""
 
 
 class FeatureSet:
@@ -76,6 +81,42 @@ class FeatureSet:
         return cls(stats, reservoir)
 
 
+class FeatureAccumulator:
+    """The `FeatureSet` of a set of ``count`` feature vectors whose batches arrive with their
+    first global index, possibly spread over several processes.
+
+    Moments are `FeatureStats` sums and the KID sample an `IndexedFeatureSample`, so each
+    process's `to_arrays` adds up (all_reduce) to the arrays of the whole set; after
+    `load_arrays` of the sum, `feature_set` is the same in every process and for any number
+    of processes (the moments up to the order of float64 additions, the KID sample exactly).
+    """
+
+    def __init__(self, count: int, dim: int = FEATURE_DIM, kid_capacity: int = KID_RESERVOIR_SIZE, seed: int = 0):
+        self.count = count
+        self.stats = FeatureStats(dim)
+        self.kid_sample = IndexedFeatureSample(count, kid_capacity, dim, seed)
+
+    def update(self, features: torch.Tensor | np.ndarray, first_index: int) -> None:
+        """Add a batch [B, dim]: the vectors first_index .. first_index + B - 1 of the set."""
+        self.kid_sample.update(features, first_index)
+        self.stats.update(features)
+
+    def to_arrays(self) -> dict[str, np.ndarray]:
+        """FeatureStats and KID sample arrays; they add up over the processes."""
+        return {**self.stats.to_arrays(), **self.kid_sample.to_arrays()}
+
+    def load_arrays(self, arrays: Mapping[str, np.ndarray]) -> None:
+        """Take the state from ``arrays`` (e.g. `to_arrays` summed over processes)."""
+        self.stats = FeatureStats.from_arrays(dict(arrays))
+        self.kid_sample.load_arrays(arrays)
+
+    def feature_set(self) -> FeatureSet:
+        """The finished set; every one of the ``count`` vectors must have been added."""
+        if self.stats.count != self.count:
+            raise ValueError(f"the feature set has {self.stats.count} of its {self.count} vectors")
+        return FeatureSet(self.stats, self.kid_sample.reservoir())
+
+
 def image_feature_set(
     images: ImageBatches, extractor: FeatureExtractor, *, kid_capacity: int = KID_RESERVOIR_SIZE, seed: int = 0
 ) -> FeatureSet:
@@ -105,18 +146,44 @@ def reference_stats(
     images: Callable[[], ImageBatches],
     extractor: FeatureExtractor,
     kid_capacity: int = KID_RESERVOIR_SIZE,
+    shard: tuple[int, int] = (0, 1),
+    sum_arrays: ArraySum | None = None,
+    write_cache: bool = True,
 ) -> FeatureSet:
     """The reference `FeatureSet` of `count` images of `dataset`/`split`: loaded from the cache
     file if present, else computed from `images()` (called only then; it must yield exactly
-    `count` uint8 images in batches) and written to the cache."""
+    `count` uint8 images in batches) and written to the cache.
+
+    Split between processes: ``shard=(rank, world)`` extracts features of batches rank,
+    rank + world, ... only, `sum_arrays` adds up the processes' `FeatureAccumulator` arrays
+    and only the process with `write_cache` writes the file. Every process must see the
+    same cache directory (it decides together whether to compute).
+    """
     path = reference_cache_path(cache_dir, dataset, split, count)
     if path.is_file():
         return FeatureSet.load(path)
-    feature_set = image_feature_set(images(), extractor, kid_capacity=kid_capacity)
-    if feature_set.count != count:
-        raise ValueError(f"reference images for {dataset}/{split} yielded {feature_set.count} images, expected count={count}")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    feature_set.save(path)
+    if count < 1:
+        raise ValueError(f"reference statistics need count >= 1 images, got {count}")
+    rank, world = shard
+    accumulator, first_batch, position = None, None, 0
+    for batch_index, batch in enumerate(images()):
+        first_batch = batch if first_batch is None else first_batch
+        if batch_index % world == rank and position + len(batch) <= count:
+            features = extractor(batch)
+            if accumulator is None:
+                accumulator = FeatureAccumulator(count, features.shape[1], kid_capacity)
+            accumulator.update(features, position)
+        position += len(batch)
+    if position != count:
+        raise ValueError(f"reference images for {dataset}/{split} yielded {position} images, expected count={count}")
+    if accumulator is None:  # more processes than batches: this one only needs the dimension
+        accumulator = FeatureAccumulator(count, extractor(first_batch[:1]).shape[1], kid_capacity)
+    if sum_arrays is not None:
+        accumulator.load_arrays(sum_arrays(accumulator.to_arrays()))
+    feature_set = accumulator.feature_set()
+    if write_cache:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        feature_set.save(path)
     return feature_set
 
 

@@ -11,8 +11,11 @@ averaged over random subsets of m samples from each set (the protocol of the aut
 also used by StyleGAN2-ADA and torch-fidelity: 100 subsets of size 1000; with fewer samples
 the subset size becomes the smaller set's size). It is unbiased, so it can be negative.
 
-Unlike FID it needs the features themselves, so a `FeatureReservoir` keeps a bounded uniform
-random sample of each set's features (Vitter 1985, Algorithm R).
+Unlike FID it needs the features themselves, so a bounded uniform random sample of each
+set's features is kept: for a stream of unknown length a `FeatureReservoir` (Vitter 1985,
+Algorithm R); for a set of known size, possibly split between processes, an
+`IndexedFeatureSample`, whose members are chosen by global index so that the sample does not
+depend on the batching or on the number of processes.
 """
 from __future__ import annotations
 
@@ -149,3 +152,66 @@ class FeatureReservoir:
         elif len(features):
             reservoir._chunks = [features.copy()]
         return reservoir
+
+
+def kid_sample_indices(count: int, capacity: int, seed: int = 0) -> np.ndarray:
+    """Sorted global indices of the feature vectors a KID sample of a set of ``count`` keeps:
+    all of them when ``count <= capacity``, else ``capacity`` drawn uniformly without
+    replacement by a generator seeded with ``seed``."""
+    if count < 1 or capacity < 1:
+        raise ValueError(f"a KID sample needs count >= 1 and capacity >= 1, got {count} and {capacity}")
+    if count <= capacity:
+        return np.arange(count)
+    return np.sort(np.random.default_rng(seed).choice(count, capacity, replace=False))
+
+
+class IndexedFeatureSample:
+    """A uniform sample of at most ``capacity`` of the ``count`` feature vectors of a set whose
+    batches may be spread over several processes (float32, like `FeatureReservoir`).
+
+    The members are fixed up front by index (`kid_sample_indices`); each process `update`s
+    with its own batches and their first global index and fills the rows of the members it
+    sees, leaving zeros elsewhere. Every member is filled by exactly one process, so summing
+    the processes' `to_arrays` (all_reduce) is exact and `load_arrays` of the sum gives the
+    sample of one process that saw every batch, in index order.
+    """
+
+    def __init__(self, count: int, capacity: int, dim: int, seed: int = 0):
+        if dim < 1:
+            raise ValueError(f"feature dimension must be a positive integer, got {dim}")
+        self.count, self.capacity, self.dim = count, capacity, dim
+        self.indices = kid_sample_indices(count, capacity, seed)
+        self.rows = np.zeros((len(self.indices), dim), dtype=np.float32)
+        self.filled = 0
+
+    def update(self, features: np.ndarray | torch.Tensor, first_index: int) -> None:
+        """Offer a batch [B, dim] holding the vectors first_index .. first_index + B - 1."""
+        batch = np.asarray(torch.as_tensor(features).detach().cpu(), dtype=np.float32)
+        if batch.ndim != 2 or batch.shape[1] != self.dim:
+            raise ValueError(f"features must have shape [B, {self.dim}], got {batch.shape}")
+        if first_index < 0 or first_index + len(batch) > self.count:
+            raise ValueError(f"vectors {first_index}..{first_index + len(batch) - 1} are outside the "
+                             f"set of {self.count}")
+        start, stop = np.searchsorted(self.indices, [first_index, first_index + len(batch)])
+        self.rows[start:stop] = batch[self.indices[start:stop] - first_index]
+        self.filled += int(stop - start)
+
+    def to_arrays(self) -> dict[str, np.ndarray]:
+        """kid_rows [min(count, capacity), dim] float32 and kid_filled (int64 scalar): they add
+        up over the processes that share the set."""
+        return {"kid_rows": self.rows, "kid_filled": np.asarray(self.filled, dtype=np.int64)}
+
+    def load_arrays(self, arrays: dict[str, np.ndarray]) -> None:
+        """Take the state from ``arrays`` (e.g. `to_arrays` summed over processes)."""
+        rows = np.asarray(arrays["kid_rows"], dtype=np.float32)
+        if rows.shape != self.rows.shape:
+            raise ValueError(f"kid_rows must have shape {self.rows.shape}, got {rows.shape}")
+        self.rows, self.filled = rows.copy(), int(np.asarray(arrays["kid_filled"]))
+
+    def reservoir(self) -> FeatureReservoir:
+        """The complete sample as a `FeatureReservoir` that has seen all ``count`` vectors."""
+        if self.filled != len(self.indices):
+            raise ValueError(f"the KID sample has {self.filled} of its {len(self.indices)} vectors; "
+                             f"every batch of the {self.count} must be offered (once) first")
+        return FeatureReservoir.from_arrays({"features": self.rows, "seen": self.count},
+                                            capacity=self.capacity)

@@ -1,13 +1,19 @@
 """Device selection and torch.distributed set-up (torchrun: NCCL on GPUs, gloo on CPU).
 
 One process per device. ``torchrun`` sets RANK, LOCAL_RANK and WORLD_SIZE; without them
-the run is a single process and nothing here initialises a process group.
+the run is a single process and nothing here initialises a process group, and every
+collective below is the identity.
+
+Evaluation combines ranks with tensor collectives only (no pickled objects): sums of
+sufficient statistics (`all_reduce_arrays`), tensors whose rows each rank fills for its
+own items (`sum_over_ranks`, exact), and batches streamed to rank 0 (`gather_to_main`).
 """
 from __future__ import annotations
 
 import os
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.distributed as dist
 
@@ -57,6 +63,53 @@ def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
         dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
     return tensor
+
+
+def is_distributed() -> bool:
+    """True inside a process group of more than one rank."""
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def _collective_device() -> torch.device:
+    """Where collective tensors live: this rank's GPU under NCCL, else the CPU (gloo)."""
+    if dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def sum_over_ranks(tensor: torch.Tensor) -> torch.Tensor:
+    """The sum of ``tensor`` over ranks, on ``tensor``'s device (a copy; the identity in one
+    process).
+
+    To assemble per-item values computed by different ranks, each rank fills the rows of
+    its own items in a zero tensor of the full size: every entry then has exactly one
+    nonzero term and x + 0 = x exactly, so the sum is the single-process tensor bit for bit.
+    """
+    if not is_distributed():
+        return tensor.clone()
+    buffer = tensor.to(_collective_device(), copy=True)
+    dist.all_reduce(buffer, op=dist.ReduceOp.SUM)
+    return buffer.to(tensor.device)
+
+
+def all_reduce_arrays(arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Sum each numpy array over ranks in its own dtype (float64 sums, int64 counts): the
+    sufficient statistics of a set split between ranks become those of the whole set."""
+    if not is_distributed():
+        return arrays
+    return {name: sum_over_ranks(torch.from_numpy(np.ascontiguousarray(array))).numpy().reshape(np.shape(array))
+            for name, array in arrays.items()}
+
+
+def gather_to_main(tensor: torch.Tensor) -> list[torch.Tensor] | None:
+    """Every rank's ``tensor`` (one shape and dtype on all ranks) on rank 0, in rank order,
+    on the CPU; None on the other ranks. One process: ``[tensor]``."""
+    if not is_distributed():
+        return [tensor]
+    local = tensor.to(_collective_device())
+    parts = [torch.empty_like(local) for _ in range(dist.get_world_size())] if dist.get_rank() == 0 else None
+    dist.gather(local, parts, dst=0)
+    return [part.cpu() for part in parts] if parts is not None else None
 
 
 def barrier() -> None:

@@ -185,7 +185,7 @@ def _draw_probe(divergence: str, like: Tensor, generator: torch.Generator | None
     return probe.to(like.device)
 
 
-def _mean_and_standard_error(values: Tensor) -> tuple[float, float, float]:
+def mean_and_standard_error(values: Tensor) -> tuple[float, float, float]:
     """values [images, repeats] -> (mean, standard error, estimator standard error).
 
     Images are the independent unit: the standard error is the spread of the per-image
@@ -317,7 +317,7 @@ def bits_per_dim(model: Model, sde: SDE, images: Tensor, *, repeats: int = 1,
     of variables of ``dequantized_bits_per_dim`` (module docstring). Returns
     (mean, standard error, info): info["per_image"] [N, repeats] bits/dim,
     info["estimator_standard_error"] (the Monte Carlo part alone, see
-    ``_mean_and_standard_error``) and info["nfe"] summed over all solves.
+    ``mean_and_standard_error``) and info["nfe"] summed over all solves.
     """
     _check_images(images)
     if repeats < 1 or batch_size < 1:
@@ -332,7 +332,7 @@ def bits_per_dim(model: Model, sde: SDE, images: Tensor, *, repeats: int = 1,
             log_px, info = ode_log_likelihood(model, sde, x, generator=generator, **ode_options)
             per_image[start:start + batch_size, repeat] = dequantized_bits_per_dim(log_px, dims).cpu()
             nfe += info["nfe"]
-    mean, standard_error, estimator = _mean_and_standard_error(per_image)
+    mean, standard_error, estimator = mean_and_standard_error(per_image)
     return mean, standard_error, {"per_image": per_image, "nfe": nfe,
                                   "estimator_standard_error": estimator}
 
@@ -637,7 +637,7 @@ def elbo_bits_per_dim(model: Model, sde: SDE, images: Tensor, *, continuous: boo
             for name in parts:
                 parts[name] += info[name].sum().item() * nats_to_bits
             nfe += info["nfe"]
-    mean, standard_error, estimator = _mean_and_standard_error(per_image)
+    mean, standard_error, estimator = mean_and_standard_error(per_image)
     total = images.shape[0] * repeats
     return mean, standard_error, {"per_image": per_image, "nfe": nfe, "proposal": proposal,
                                   "estimator_standard_error": estimator,

@@ -3,7 +3,9 @@
 ``compare.runs`` lists entries ``"method:steps"`` or ``"method:steps:key=value,key=value"``
 (sampler options, e.g. ``"ddim:50:eta=1.0"``, ``"ode:2:method=dopri5"``). Each produces ``compare.num_samples`` images with the same per-sample
 seeds; for each: NFE, wall time, FID, KID and (MNIST) classifier metrics. Writes
-``workdir/compare/results.{json,csv,md}``, ``fid_vs_nfe.png`` and a grid per run.
+``workdir/compare/results.{json,csv,md}``, ``fid_vs_nfe.png`` and a grid per run. Under
+``torchrun`` the ranks share each run's batches (``sde.run_eval.sample_quality``); the
+metrics do not depend on the number of processes and only rank 0 writes and prints.
 """
 from __future__ import annotations
 
@@ -105,22 +107,20 @@ def _plot(rows: list[dict[str, Any]], path: Path) -> None:
 
 
 def compare(config, workdir: str | Path) -> dict[str, Any]:
-    """Run ``--mode compare``; returns the results it writes."""
+    """Run ``--mode compare``; returns the results it writes (rank 0; ``{}`` on other ranks)."""
     from evaluation import ClassifierMetrics, InceptionFeatures
 
     runs = validate_runs(config)
     if config.data.dataset == "toy":
         raise ValueError("--mode compare measures FID of images; data.dataset='toy' has none")
     context = distributed.setup(config.device)
-    if context.world_size > 1:
-        raise ValueError("--mode compare runs in one process; launch it without torchrun")
-    run = Workdir(workdir)
+    run = Workdir(workdir, create=context.is_main)
     device = context.device
     sde = create_sde(config)
     model, source, step = load_ema_model(config, workdir, device, config.sampling.checkpoint)
     inception = InceptionFeatures(config.eval.inception_path or None, device=device,
                                   batch_size=config.eval.batch_size)
-    reference = reference_features(config, run, inception)
+    reference = reference_features(config, run, inception, shard=context.shard)
 
     results, rows = [], []
     for method, steps, options in runs:
@@ -130,15 +130,20 @@ def compare(config, workdir: str | Path) -> dict[str, Any]:
         metrics, grid = sample_quality(config, model, sde, device, method=method, steps=steps,
                                        options=options, num_samples=config.compare.num_samples,
                                        inception=inception, reference=reference,
-                                       classifier=classifier)
+                                       classifier=classifier, progress=context.is_main,
+                                       shard=context.shard)
         metrics["run"] = label
         results.append(metrics)
         rows.append(_row(label, metrics))
+        if not context.is_main:
+            continue
         safe = label.replace(":", "_").replace(",", "_").replace("=", "-")
         images.save_png(images.image_grid(grid), run.compare / f"grid_{safe}.png")
         print(f"{label}: NFE {metrics['nfe']}, FID {metrics['fid']:.3f}, "
               f"{metrics['wall_time_s']:.1f} s", flush=True)
 
+    if not context.is_main:
+        return {}
     output = {"checkpoint": source, "checkpoint_step": step, "num_samples": config.compare.num_samples,
               "seed": config.sampling.seed, "results": results}
     images.save_json(output, run.compare / "results.json")

@@ -5,10 +5,17 @@ For the latest checkpoint (or ``sampling.checkpoint``) it writes
 table. FID/KID use ``eval.num_samples`` images from the configured sampler against the
 Inception statistics of the training split (cached in ``workdir/eval/``); bits/dim use
 ``eval.bpd_num_images`` images of ``eval.heldout_split``.
+
+Under ``torchrun`` every rank samples, extracts features of and scores its share of the
+batches (batch b on rank b mod world); sums of statistics and per-image values are combined
+with tensor collectives (`sde.distributed`), so the report does not depend on the number of
+processes: held-out loss, bits/dim, KID and classifier histogram bit for bit, FID and
+classifier averages up to the order of float64 additions. Only rank 0 writes and prints.
 """
 from __future__ import annotations
 
 import hashlib
+import math
 import time
 from pathlib import Path
 from typing import Any
@@ -18,13 +25,18 @@ import torch
 
 from sde import data, distributed, images, likelihood
 from sde.configuration import sampler_options
-from sde.inference import load_ema_model
+from sde.inference import load_ema_model, sample_shape
 from sde.losses import LossConfig, make_loss_fn
 from sde.run_sample import generate
 from sde.sdes import create_sde
 from sde.workdir import Workdir
 
 GRID_IMAGES = 100
+#: Random streams of the held-out evaluation: batch b of stream s draws from generator
+#: (config.seed, s, b), whichever process evaluates it.
+HELDOUT_LOSS_STREAM, BPD_ODE_STREAM, BPD_ELBO_STREAM, ELBO_PILOT_STREAM = range(4)
+#: The ELBO parts reported besides the total (likelihood.elbo_bits_per_dim).
+ELBO_PARTS = ("prior", "diffusion", "reconstruction")
 
 
 def _uint8_batches(images_uint8: torch.Tensor, batch_size: int):
@@ -32,11 +44,12 @@ def _uint8_batches(images_uint8: torch.Tensor, batch_size: int):
         yield images_uint8[start:start + batch_size]
 
 
-def reference_features(config, run: Workdir, inception):
+def reference_features(config, run: Workdir, inception, *, shard: tuple[int, int] = (0, 1)):
     """Inception statistics of the training split, cached in ``workdir/eval``.
 
     The cache key holds dataset, split, count and a digest of the pixels, so a split that
-    fell back to another set of images (offline MNIST) never reuses a wrong cache.
+    fell back to another set of images (offline MNIST) never reuses a wrong cache. With
+    ``shard=(rank, world)`` the ranks compute a missing cache together; rank 0 writes it.
     """
     from evaluation import reference_stats
 
@@ -47,103 +60,154 @@ def reference_features(config, run: Workdir, inception):
     return reference_stats(run.eval, dataset=config.data.dataset,
                            split=f"{config.data.split}-{digest}", count=len(reference),
                            images=lambda: _uint8_batches(reference, config.eval.batch_size),
-                           extractor=inception)
+                           extractor=inception, shard=shard, sum_arrays=distributed.all_reduce_arrays,
+                           write_cache=shard[0] == 0)
 
 
 def sample_quality(config, model, sde, device, *, method: str, steps: int, options: dict,
                    num_samples: int, inception, reference, classifier=None,
-                   progress: bool = True) -> tuple[dict[str, Any], np.ndarray]:
+                   progress: bool = True, shard: tuple[int, int] = (0, 1)) -> tuple[dict[str, Any], np.ndarray]:
     """FID/KID (and classifier metrics on MNIST) of ``num_samples`` streamed samples.
 
     Samples go batch by batch through Inception (and the classifier) into running
-    statistics; only the first ``GRID_IMAGES`` are kept, for a grid. Returns (metrics, grid images).
+    statistics; only the first ``GRID_IMAGES`` are kept, for a grid. With
+    ``shard=(rank, world)`` this process does batches rank, rank + world, ...; every rank
+    returns the metrics of all samples. Returns (metrics, grid images).
     """
-    from evaluation import FeatureSet, compare_feature_sets
+    from evaluation import compare_feature_sets
+    from evaluation.fid import FeatureAccumulator
 
-    features, grid, nfe = None, [], 0
+    features = FeatureAccumulator(num_samples, reference.stats.dim)
+    grid = torch.zeros(sample_shape(config, min(GRID_IMAGES, num_samples)), dtype=torch.uint8)
+    batch_size = config.sampling.batch_size
+    batch_nfe = torch.zeros(math.ceil(num_samples / batch_size), dtype=torch.int64)
     start = time.perf_counter()
     sampling_time = 0.0
     batch_start = time.perf_counter()
     for first, x, info in generate(config, model, sde, device, num_samples=num_samples,
                                    seed=config.sampling.seed, method=method, steps=steps,
-                                   options=options, progress=progress):
+                                   options=options, shard=shard, progress=progress):
         sampling_time += time.perf_counter() - batch_start
-        nfe = info["nfe"]
+        batch_nfe[first // batch_size] = info["nfe"]
         batch = data.float_to_uint8(x.float().cpu(), dequantized=config.data.dequantize)
-        if features is None:
-            features = FeatureSet.empty()
-        features.update(inception(batch))
+        features.update(inception(batch), first)
         if classifier is not None:
             classifier.update(batch)
-        if sum(len(g) for g in grid) < GRID_IMAGES:
-            grid.append(batch[:GRID_IMAGES - sum(len(g) for g in grid)].numpy())
+        grid[first:first + len(batch)] = batch[:max(len(grid) - first, 0)]
         batch_start = time.perf_counter()
-    metrics = {"sampler": method, "steps": steps, "options": options, "nfe": nfe,
-               "num_samples": num_samples, "sampling_time_s": sampling_time,
+    features.load_arrays(distributed.all_reduce_arrays(features.to_arrays()))
+    if classifier is not None:
+        classifier.load_arrays(distributed.all_reduce_arrays(classifier.to_arrays()))
+    metrics = {"sampler": method, "steps": steps, "options": options,
+               "nfe": int(distributed.sum_over_ranks(batch_nfe)[-1]),  # the last batch's, as sampled
+               "num_samples": num_samples, "processes": shard[1], "sampling_time_s": sampling_time,
                "wall_time_s": time.perf_counter() - start}
-    metrics.update(compare_feature_sets(features, reference, seed=config.sampling.seed))
+    metrics.update(compare_feature_sets(features.feature_set(), reference, seed=config.sampling.seed))
     if classifier is not None:
         metrics["classifier"] = classifier.result()
-    return metrics, np.concatenate(grid)
+    return metrics, distributed.sum_over_ranks(grid).numpy()
 
 
-def _heldout_loss(config, model, sde, heldout: torch.Tensor) -> float:
-    """The training objective (plain weighting) on held-out images, with a fixed seed."""
+def _batch_generator(seed: int, stream: int, batch_index: int) -> torch.Generator:
+    """The CPU generator of one held-out batch of one random stream (SeedSequence-mixed)."""
+    words = np.random.SeedSequence([seed, stream, batch_index]).generate_state(2, dtype=np.uint32)
+    return torch.Generator().manual_seed(int(words[0]) << 32 | int(words[1]))
+
+
+def _elbo_proposal(config, model, sde, heldout: torch.Tensor, device: torch.device):
+    """The ELBO's importance proposal, fitted by every rank on the same pilot images with the
+    same generator (so all ranks use one proposal); returns (proposal, its NFE)."""
+    pilot = heldout[:likelihood.PILOT_IMAGES].to(device)
+    _, _, info = likelihood.elbo_bits_per_dim(
+        model, sde, pilot, continuous=config.training.continuous, batch_size=len(pilot),
+        generator=_batch_generator(config.seed, ELBO_PILOT_STREAM, 0))
+    return info["proposal"], info["nfe"]
+
+
+def heldout_metrics(config, model, sde, heldout: torch.Tensor, *,
+                    shard: tuple[int, int] = (0, 1)) -> dict[str, Any]:
+    """Held-out loss (the training objective, plain weighting) and bits/dim by the
+    probability-flow ODE and the ELBO of uint8 images, in batches of ``eval.batch_size``.
+
+    Batch b draws its noise from `_batch_generator` (config.seed, stream, b) and is
+    evaluated on rank b mod world; per-image bits/dim and per-batch loss sums are assembled
+    on every rank (`distributed.sum_over_ranks`, exact), so means and standard errors are
+    those of one process, bit for bit.
+    """
+    eval_cfg, device = config.eval, next(model.parameters()).device
     loss_fn = make_loss_fn(sde, LossConfig(continuous=config.training.continuous,
                                            eps=config.training.eps))
-    generator = torch.Generator().manual_seed(config.seed)
-    device = next(model.parameters()).device
-    total, count = 0.0, 0
-    with torch.no_grad():
-        for batch in _uint8_batches(heldout, config.eval.batch_size):
+    count, repeats, batch_size = len(heldout), eval_cfg.bpd_repeats, eval_cfg.batch_size
+    num_batches = math.ceil(count / batch_size)
+    loss_sums = torch.zeros(num_batches, dtype=torch.float64)
+    ode_bits = torch.zeros(count, repeats, dtype=torch.float64)
+    elbo_bits = torch.zeros(count, repeats, dtype=torch.float64)
+    elbo_part_sums = torch.zeros(num_batches, len(ELBO_PARTS), dtype=torch.float64)
+    proposal, pilot_nfe = _elbo_proposal(config, model, sde, heldout, device)
+    nfe = torch.tensor([0, pilot_nfe if shard[0] == 0 else 0], dtype=torch.int64)  # (ODE, ELBO)
+    for batch_index in range(shard[0], num_batches, shard[1]):
+        rows = slice(batch_index * batch_size, min(count, (batch_index + 1) * batch_size))
+        batch = heldout[rows]
+        generator = _batch_generator(config.seed, HELDOUT_LOSS_STREAM, batch_index)
+        with torch.no_grad():
             x0 = data.uint8_to_float(batch, dequantize=config.data.dequantize,
                                      generator=generator).to(device)
-            total += loss_fn(model, x0, generator=generator).item() * len(batch)
-            count += len(batch)
-    return total / count
+            loss_sums[batch_index] = loss_fn(model, x0, generator=generator).item() * len(batch)
+        _, _, info = likelihood.bits_per_dim(
+            model, sde, batch.to(device), repeats=repeats, batch_size=len(batch),
+            generator=_batch_generator(config.seed, BPD_ODE_STREAM, batch_index))
+        ode_bits[rows], nfe[0] = info["per_image"], nfe[0] + info["nfe"]
+        _, _, info = likelihood.elbo_bits_per_dim(
+            model, sde, batch.to(device), continuous=config.training.continuous, repeats=repeats,
+            batch_size=len(batch), proposal=proposal,
+            generator=_batch_generator(config.seed, BPD_ELBO_STREAM, batch_index))
+        elbo_bits[rows], nfe[1] = info["per_image"], nfe[1] + info["nfe"]
+        elbo_part_sums[batch_index] = torch.tensor([info[part] for part in ELBO_PARTS]) * len(batch) * repeats
+    loss_sums, ode_bits, elbo_bits, elbo_part_sums, nfe = (
+        distributed.sum_over_ranks(tensor) for tensor in (loss_sums, ode_bits, elbo_bits, elbo_part_sums, nfe))
+    report: dict[str, Any] = {"heldout_loss": loss_sums.sum().item() / count}
+    mean, standard_error, _ = likelihood.mean_and_standard_error(ode_bits)
+    report["bpd_ode"] = {"mean": mean, "standard_error": standard_error, "nfe": int(nfe[0])}
+    mean, standard_error, _ = likelihood.mean_and_standard_error(elbo_bits)
+    parts = elbo_part_sums.sum(0) / (count * repeats)
+    report["bpd_elbo"] = {"mean": mean, "standard_error": standard_error, "nfe": int(nfe[1]),
+                          **{part: value.item() for part, value in zip(ELBO_PARTS, parts)}}
+    return report
 
 
 def evaluate(config, workdir: str | Path) -> dict[str, Any]:
-    """Run ``--mode eval``; returns the report it writes."""
+    """Run ``--mode eval``; returns the report it writes (rank 0; ``{}`` on other ranks)."""
     context = distributed.setup(config.device)
-    if context.world_size > 1:
-        raise ValueError("--mode eval runs in one process; launch it without torchrun")
-    run = Workdir(workdir)
+    run = Workdir(workdir, create=context.is_main)
     device = context.device
     eval_cfg = config.eval
     sde = create_sde(config)
     model, source, step = load_ema_model(config, workdir, device, config.sampling.checkpoint)
     report: dict[str, Any] = {"checkpoint": source, "checkpoint_step": step, "sde": repr(sde)}
-    generator = torch.Generator().manual_seed(config.seed)
 
     if config.data.dataset != "toy":
         heldout, _ = data.load_dataset(config, split=eval_cfg.heldout_split)
         heldout = heldout[:eval_cfg.bpd_num_images]
         report["heldout"] = {"split": eval_cfg.heldout_split, "num_images": len(heldout)}
-        report["heldout_loss"] = _heldout_loss(config, model, sde, heldout)
-        mean, standard_error, info = likelihood.bits_per_dim(
-            model, sde, heldout.to(device), repeats=eval_cfg.bpd_repeats, generator=generator,
-            batch_size=eval_cfg.batch_size)
-        report["bpd_ode"] = {"mean": mean, "standard_error": standard_error, "nfe": info["nfe"]}
-        mean, standard_error, info = likelihood.elbo_bits_per_dim(
-            model, sde, heldout.to(device), continuous=config.training.continuous,
-            repeats=eval_cfg.bpd_repeats, generator=generator, batch_size=eval_cfg.batch_size)
-        report["bpd_elbo"] = {"mean": mean, "standard_error": standard_error, "nfe": info["nfe"],
-                              **{part: info[part] for part in ("prior", "diffusion", "reconstruction")}}
+        report.update(heldout_metrics(config, model, sde, heldout, shard=context.shard))
 
         from evaluation import ClassifierMetrics, InceptionFeatures
 
         inception = InceptionFeatures(eval_cfg.inception_path or None, device=device,
                                       batch_size=eval_cfg.batch_size)
-        reference = reference_features(config, run, inception)
+        reference = reference_features(config, run, inception, shard=context.shard)
         classifier = ClassifierMetrics(device=device) if config.data.dataset == "mnist" else None
         quality, grid = sample_quality(
             config, model, sde, device, method=config.sampling.method, steps=config.sampling.steps,
             options=sampler_options(config), num_samples=eval_cfg.num_samples,
-            inception=inception, reference=reference, classifier=classifier)
+            inception=inception, reference=reference, classifier=classifier,
+            progress=context.is_main, shard=context.shard)
         report["samples"] = quality
-        images.save_png(images.image_grid(grid), run.eval / f"samples_step{step}.png")
+        if context.is_main:
+            images.save_png(images.image_grid(grid), run.eval / f"samples_step{step}.png")
 
+    if not context.is_main:
+        return {}
     images.save_json(report, run.eval / f"report_step{step}.json")
     _log_tensorboard(run, report, step or 0)
     report["message"] = format_report(report)

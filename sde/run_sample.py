@@ -6,18 +6,27 @@ toy data: ``points`` float32 [N, 2]), ``<name>.json`` (sampler, options, steps, 
 wall time, checkpoint), and with ``sampling.save_trajectory`` ``<name>_trajectory.png``:
 rows of x_T -> x_0 for a few samples, then rows of the forward noising of real images at
 the same times.
+
+Memory stays flat in ``num_samples``: batches are written into the .npz's array as they
+come (one deflated zip member, as ``np.savez_compressed`` writes it) and only the grid's
+images are kept. Under ``torchrun`` rank r samples batches r, r + world, ...; each round of
+``world`` batches is gathered to rank 0 with one tensor collective and written in order, so
+the file is the one a single process writes.
 """
 from __future__ import annotations
 
+import math
 import time
+import zipfile
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, BinaryIO, Iterable, Iterator
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 
 from sde import data, distributed, images, samplers
+from sde.checkpoint import atomic_write
 from sde.configuration import sampler_options
 from sde.inference import load_ema_model, sample_generators, sample_shape
 from sde.sdes import create_sde
@@ -82,8 +91,71 @@ def _trajectory(config, model, sde, device, options) -> np.ndarray:
                              nrow=TRAJECTORY_COLUMNS)
 
 
+def _stored(config, x: torch.Tensor) -> torch.Tensor:
+    """What the .npz holds: float32 points (toy data) or uint8 images."""
+    x = x.float().cpu()
+    return x if config.data.dataset == "toy" else data.float_to_uint8(x, dequantized=config.data.dequantize)
+
+
+def _batches_in_order(config, model, sde, context: distributed.Context,
+                      options: dict[str, Any]) -> Iterator[tuple[int, torch.Tensor, int]]:
+    """(first index, stored batch, NFE) of every batch in index order on rank 0; nothing on
+    the other ranks, which only take part in the gathers.
+
+    Round k gathers batches k * world + rank (zeros, padded to the batch size, where a rank
+    has no batch left) to rank 0: one collective per round, one round held in memory.
+    """
+    cfg = config.sampling
+    produced = generate(config, model, sde, context.device, num_samples=cfg.num_samples,
+                        seed=cfg.seed, method=cfg.method, steps=cfg.steps, options=options,
+                        shard=context.shard, progress=context.is_main)
+    if context.world_size == 1:
+        yield from ((first, _stored(config, x), info["nfe"]) for first, x, info in produced)
+        return
+    num_batches = math.ceil(cfg.num_samples / cfg.batch_size)
+    dtype = torch.float32 if config.data.dataset == "toy" else torch.uint8
+    for round_first in range(0, num_batches, context.world_size):
+        block = torch.zeros(sample_shape(config, cfg.batch_size), dtype=dtype)
+        nfe = torch.zeros(1, dtype=torch.int64)
+        item = next(produced, None)
+        if item is not None:
+            first, x, info = item
+            stored = _stored(config, x)
+            block[:len(stored)], nfe[0] = stored, info["nfe"]
+        blocks, nfes = distributed.gather_to_main(block), distributed.gather_to_main(nfe)
+        if not context.is_main:
+            continue
+        for batch_index in range(round_first, min(round_first + context.world_size, num_batches)):
+            rank = batch_index - round_first
+            first = batch_index * cfg.batch_size
+            yield first, blocks[rank][:min(cfg.batch_size, cfg.num_samples - first)], int(nfes[rank])
+
+
+def write_npz_rows(handle: BinaryIO, key: str, shape: tuple[int, ...], dtype: np.dtype,
+                   blocks: Iterable[np.ndarray]) -> None:
+    """An .npz with one array ``key`` of ``shape``, streamed from row blocks in order: the
+    .npy header, then each block's bytes into one deflated zip member (``np.load`` reads it
+    as a file of ``np.savez_compressed``). The blocks must hold exactly ``shape[0]`` rows."""
+    dtype = np.dtype(dtype)
+    header = {"descr": np.lib.format.dtype_to_descr(dtype), "fortran_order": False, "shape": tuple(shape)}
+    rows = 0
+    with zipfile.ZipFile(handle, "w", compression=zipfile.ZIP_DEFLATED, allowZip64=True) as archive:
+        with archive.open(f"{key}.npy", "w", force_zip64=True) as member:
+            np.lib.format.write_array_header_1_0(member, header)
+            for block in blocks:
+                block = np.ascontiguousarray(block, dtype=dtype)
+                if block.shape[1:] != tuple(shape[1:]):
+                    raise ValueError(f"rows of shape {block.shape[1:]} for an array of shape {tuple(shape)}")
+                rows += len(block)
+                if rows > shape[0]:
+                    raise ValueError(f"more than the {shape[0]} rows of {key}")
+                member.write(block.tobytes())
+    if rows != shape[0]:
+        raise ValueError(f"{key} got {rows} of its {shape[0]} rows")
+
+
 def sample(config, workdir: str | Path) -> dict[str, Any]:
-    """Run ``--mode sample``; returns the JSON record it writes."""
+    """Run ``--mode sample``; returns the JSON record it writes (rank 0; ``{}`` on other ranks)."""
     context = distributed.setup(config.device)
     run = Workdir(workdir, create=context.is_main)
     sde = create_sde(config)
@@ -91,32 +163,39 @@ def sample(config, workdir: str | Path) -> dict[str, Any]:
     cfg = config.sampling
     options = sampler_options(config)
     name = f"{cfg.method}_{cfg.steps}steps_seed{cfg.seed}"
+    toy = config.data.dataset == "toy"
 
     start = time.perf_counter()
-    batches, nfe = [], 0
-    for first, x, info in generate(config, model, sde, context.device, num_samples=cfg.num_samples,
-                                   seed=cfg.seed, method=cfg.method, steps=cfg.steps,
-                                   options=options, shard=context.shard, progress=context.is_main):
-        nfe = info["nfe"]
-        x = x.float().cpu()
-        stored = x if config.data.dataset == "toy" else data.float_to_uint8(
-            x, dequantized=config.data.dequantize)
-        batches.append((first, stored))
-    wall_time = time.perf_counter() - start
-    batches = _gather_batches(batches, context)
+    batches = _batches_in_order(config, model, sde, context, options)
     if not context.is_main:
+        for _ in batches:  # take part in every gather
+            pass
         return {}
-    ordered = torch.cat([b for _, b in sorted(batches, key=lambda item: item[0])]).numpy()
+    grid: list[np.ndarray] = []
+    nfe = 0
+
+    def blocks() -> Iterator[np.ndarray]:
+        nonlocal nfe
+        for first, stored, batch_nfe in batches:
+            nfe = batch_nfe  # the last batch's, as a single process reports it
+            if not toy and first < GRID_IMAGES:
+                grid.append(stored[:GRID_IMAGES - first].numpy())
+            yield stored.numpy()
 
     samples_dir = run.samples
-    if config.data.dataset == "toy":
-        images.save_npz(samples_dir / f"{name}.npz", points=ordered.astype(np.float32))
+    npz_path = samples_dir / f"{name}.npz"
+    key, dtype = ("points", np.float32) if toy else ("images", np.uint8)
+    atomic_write(npz_path, lambda handle: write_npz_rows(
+        handle, key, sample_shape(config, cfg.num_samples), dtype, blocks()))
+    wall_time = time.perf_counter() - start
+
+    if toy:
         reference, _ = data.load_dataset(config)
-        images.scatter_png(ordered, samples_dir / f"{name}.png", title=name,
-                           reference=reference[:2000].numpy())
+        with np.load(npz_path) as saved:
+            images.scatter_png(saved["points"], samples_dir / f"{name}.png", title=name,
+                               reference=reference[:2000].numpy())
     else:
-        images.save_npz(samples_dir / f"{name}.npz", images=ordered)
-        images.save_png(images.image_grid(ordered[:GRID_IMAGES]), samples_dir / f"{name}.png")
+        images.save_png(images.image_grid(np.concatenate(grid)), samples_dir / f"{name}.png")
         if cfg.save_trajectory:
             images.save_png(_trajectory(config, model, sde, context.device, options),
                             samples_dir / f"{name}_trajectory.png")
@@ -129,12 +208,3 @@ def sample(config, workdir: str | Path) -> dict[str, Any]:
     record["message"] = (f"{cfg.num_samples} samples with {cfg.method} ({nfe} NFE each) in "
                          f"{wall_time:.1f} s -> {samples_dir / (name + '.png')}")
     return record
-
-
-def _gather_batches(batches, context):
-    """Collect every rank's (first_index, batch) on rank 0 (object gather over gloo/NCCL)."""
-    if context.world_size == 1:
-        return batches
-    gathered = [None] * context.world_size if context.is_main else None
-    torch.distributed.gather_object(batches, gathered, dst=0)
-    return [item for part in gathered for item in part] if context.is_main else []

@@ -1,10 +1,16 @@
-"""DistributedDataParallel on 2 gloo processes (torchrun, CPU, loopback only).
+"""2 gloo processes (torchrun, CPU, loopback only): training, eval, compare and sample.
 
-The ranks must hold identical weights (model and EMA) after training, only rank 0 may
-write (checkpoints, TensorBoard, config.json, sample grids), and the run must match a
+Training: the ranks must hold identical weights (model and EMA) after training, only rank 0
+may write (checkpoints, TensorBoard, config.json, sample grids), and the run must match a
 single process with the same global batch: BatchStream gives each rank its rows of every
 global batch and the loss draws the global batch's noise and keeps the rank's slice, so
 the only difference is the order of the floating-point gradient sum.
+
+Eval, compare and sample: each rank does its share of the batches and the results must
+not depend on the number of processes -- per-image bits/dim, held-out loss, KID sample,
+class histogram and the sample array bit for bit, FID moments up to float64 round-off --
+with only rank 0 writing. Fast tests check the combination rules in one process (shards
+summed with numpy); a slow one runs the three modes under torchrun against one process.
 
 This file is also the worker: torchrun runs it as a script (``__main__`` below), once per
 rank. Every launch runs in its own process group with a timeout, killed on any failure.
@@ -13,6 +19,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -20,8 +27,10 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 ROOT = Path(__file__).resolve().parents[1]
 WORLD_SIZE = 2
@@ -61,7 +70,6 @@ def run_worker(workdir: Path, out_dir: Path, n_iters: int) -> None:
     from sde import checkpoint, distributed, run_train, workdir as workdir_module
 
     rank = int(os.environ["RANK"])
-    (out_dir / f"pid_{rank}").write_text(str(os.getpid()))
     writes: list[str] = []
     models: list[torch.nn.Module] = []
     emas: list[run_train.EMA] = []
@@ -97,6 +105,61 @@ def run_worker(workdir: Path, out_dir: Path, n_iters: int) -> None:
     distributed.teardown()
 
 
+class PooledPixels:
+    """Stands in for ``InceptionFeatures`` (same constructor): the 16 means of 7x7 pixel
+    blocks, so that FID and KID run without the Inception network."""
+
+    def __init__(self, path=None, device="cpu", batch_size: int = 50):
+        del path, device, batch_size
+
+    def __call__(self, images) -> torch.Tensor:
+        return F.avg_pool2d(torch.as_tensor(images).float(), 7).flatten(1).double()
+
+
+def evaluation_config():
+    """The tiny config with uneven shares for 2 ranks: 2 held-out batches, 8 reference
+    batches (the last short), 7 eval/compare sample batches and 5 sample-mode batches."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from conftest import make_tiny_config
+
+    config = make_tiny_config()
+    config.device = "cpu"
+    config.eval.batch_size = 4
+    config.eval.bpd_num_images = 6
+    config.eval.bpd_repeats = 2
+    config.eval.reference_num_images = 30
+    config.eval.num_samples = 20
+    config.sampling.steps = 3
+    config.sampling.batch_size = 3
+    config.sampling.num_samples = 13
+    config.compare.runs = ("ddim:2",)
+    config.compare.num_samples = 20
+    return config
+
+
+def run_modes(workdir: Path) -> dict:
+    """``--mode eval``, ``compare`` and ``sample`` on ``workdir`` (the caller has replaced
+    ``evaluation.InceptionFeatures`` by `PooledPixels`)."""
+    from sde.run_compare import compare
+    from sde.run_eval import evaluate
+    from sde.run_sample import sample
+
+    config = evaluation_config()
+    return {"eval": evaluate(config, workdir), "compare": compare(config, workdir),
+            "sample": sample(config, workdir)}
+
+
+def run_evaluation_worker(workdir: Path, out_dir: Path) -> None:
+    """`run_modes` on this rank; what each mode returned goes to ``results_<rank>.json``."""
+    import evaluation
+    from sde import distributed
+
+    evaluation.InceptionFeatures = PooledPixels
+    results = run_modes(workdir)
+    (out_dir / f"results_{os.environ['RANK']}.json").write_text(json.dumps(results, default=str))
+    distributed.teardown()
+
+
 # ---- launching -------------------------------------------------------------------------
 def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
@@ -104,19 +167,22 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
-def start_torchrun(workdir: Path, out_dir: Path, n_iters: int) -> subprocess.Popen:
-    """torchrun on this file; its output goes to ``out_dir/torchrun.log`` (no pipe to block on)."""
+def start_torchrun(out_dir: Path, task: str, *args) -> subprocess.Popen:
+    """torchrun on this file (``task``: "train" or "evaluate"); its output goes to
+    ``out_dir/torchrun.log`` (no pipe to block on)."""
     command = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={WORLD_SIZE}",
                "--nnodes=1", "--master_addr=127.0.0.1", f"--master_port={free_port()}",
-               str(Path(__file__).resolve()), str(workdir), str(out_dir), str(n_iters)]
+               str(Path(__file__).resolve()), str(out_dir), task, *map(str, args)]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "GLOO_SOCKET_IFNAME": "lo"}
     with open(out_dir / "torchrun.log", "w") as log:
-        return subprocess.Popen(command, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
-                                start_new_session=True)
+        process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
+                                   start_new_session=True)
+    process.out_dir = out_dir
+    return process
 
 
 def output_of(process: subprocess.Popen) -> str:
-    return (Path(process.args[-2]) / "torchrun.log").read_text()[-4000:]
+    return (process.out_dir / "torchrun.log").read_text()[-4000:]
 
 
 def descendants(pid: int) -> list[int]:
@@ -141,7 +207,7 @@ def workers(process: subprocess.Popen) -> list[int]:
     """The launch's workers: torchrun's descendants while it runs, plus the pids the workers
     recorded that still run this file (a worker orphaned by a dead torchrun)."""
     pids = descendants(process.pid) if process.poll() is None else []
-    for pid_file in Path(process.args[-2]).glob("pid_*"):
+    for pid_file in process.out_dir.glob("pid_*"):
         cmdline = Path("/proc") / pid_file.read_text() / "cmdline"
         if cmdline.exists() and str(Path(__file__).resolve()) in cmdline.read_bytes().decode(errors="replace"):
             pids.append(int(pid_file.read_text()))
@@ -206,7 +272,7 @@ def test_two_gloo_ranks_match_each_other_and_a_single_process(tmp_path, launch):
 
     workdir, out_dir = tmp_path / "ddp", tmp_path / "out"
     out_dir.mkdir()
-    process = launch(workdir, out_dir, N_ITERS)
+    process = launch(out_dir, "train", workdir, N_ITERS)
     single = tmp_path / "single"
     train(ddp_config(), single)  # meanwhile, the same global batch in one process
     finish(process)
@@ -271,7 +337,7 @@ def test_a_signal_on_one_rank_stops_every_rank_at_the_same_step(tmp_path, launch
 
     workdir, out_dir = tmp_path / "ddp", tmp_path / "out"
     out_dir.mkdir()
-    process = launch(workdir, out_dir, 10_000)
+    process = launch(out_dir, "train", workdir, 10_000)
     deadline = time.monotonic() + LAUNCH_TIMEOUT_S
     while not checkpoint.list_checkpoints(workdir / "checkpoints"):
         if process.poll() is not None or time.monotonic() > deadline:
@@ -293,5 +359,155 @@ def test_a_signal_on_one_rank_stops_every_rank_at_the_same_step(tmp_path, launch
         assert torch.equal(value, weights_0["model"][key]) and torch.equal(value, weights_1["model"][key])
 
 
+# ---- eval, compare and sample: the combination rules in one process --------------------
+def round_robin_shares(count: int, batch_size: int, world: int) -> list[list[tuple[int, int]]]:
+    """Per rank, the (first, stop) rows of batches rank, rank + world, ... (as generate deals them)."""
+    batches = [(first, min(first + batch_size, count)) for first in range(0, count, batch_size)]
+    return [batches[rank::world] for rank in range(world)]
+
+
+def summed(parts: list[dict]) -> dict:
+    """What all_reduce_arrays returns: each array summed over the parts."""
+    return {key: sum(part[key] for part in parts) for key in parts[0]}
+
+
+@pytest.mark.parametrize("capacity", [50, 10], ids=["kid-keeps-all", "kid-subsample"])
+def test_feature_accumulators_of_any_split_add_up_to_one_process(capacity):
+    from evaluation.fid import FeatureAccumulator
+    from evaluation.kid import kid_sample_indices
+
+    count, dim, seed = 23, 5, 7
+    features = np.random.default_rng(0).normal(size=(count, dim))
+    chosen = kid_sample_indices(count, capacity, seed)
+    assert len(chosen) == min(count, capacity) and np.all(np.diff(chosen) > 0)
+    if capacity < count:
+        assert not np.array_equal(chosen, np.arange(capacity)), "the KID sample must be random, not a prefix"
+    for world in (1, 2, 3):
+        shares = [FeatureAccumulator(count, dim, capacity, seed) for _ in range(world)]
+        for share, batches in zip(shares, round_robin_shares(count, 4, world)):
+            for first, stop in batches:
+                share.update(features[first:stop], first)
+        shares[0].load_arrays(summed([share.to_arrays() for share in shares]))
+        combined = shares[0].feature_set()
+        assert combined.count == combined.reservoir.seen == count
+        np.testing.assert_array_equal(combined.reservoir.features, features[chosen].astype(np.float32))
+        np.testing.assert_allclose(combined.stats.mean(), features.mean(0), rtol=1e-12)
+        np.testing.assert_allclose(combined.stats.covariance(), np.cov(features.T), rtol=1e-10)
+
+
+def test_a_feature_set_missing_a_batch_is_refused():
+    from evaluation.fid import FeatureAccumulator
+
+    features = np.ones((10, 3))
+    accumulator = FeatureAccumulator(10, 3, kid_capacity=4)
+    accumulator.update(features[:6], 0)
+    with pytest.raises(ValueError, match="has 6 of its 10 vectors"):
+        accumulator.feature_set()
+    with pytest.raises(ValueError, match=r"vectors 8\.\.11 are outside the set of 10"):
+        accumulator.update(features[:4], 8)
+
+
+def test_classifier_sums_of_shares_equal_one_process():
+    from evaluation import ClassifierMetrics
+
+    torch.manual_seed(0)
+    network = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(28 * 28, 10))
+    digits = torch.randint(0, 256, (12, 1, 28, 28), dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
+    whole = ClassifierMetrics(network)
+    whole.update(digits)
+    shares = [ClassifierMetrics(network) for _ in range(2)]
+    shares[0].update(digits[:5])
+    shares[1].update(digits[5:])
+    shares[0].load_arrays(summed([share.to_arrays() for share in shares]))
+    combined, expected = shares[0].result(), whole.result()
+    assert combined["num_images"] == 12 and combined["class_histogram"] == expected["class_histogram"]
+    for key in ("mean_confidence", "mean_entropy", "histogram_tv_from_uniform"):
+        assert combined[key] == pytest.approx(expected[key], rel=1e-12)
+
+
+def test_npz_rows_stream_into_a_file_numpy_reads(tmp_path):
+    from sde.run_sample import write_npz_rows
+
+    array = np.random.default_rng(0).integers(0, 256, size=(7, 1, 4, 4), dtype=np.uint8)
+    path = tmp_path / "samples.npz"
+    with open(path, "wb") as handle:
+        write_npz_rows(handle, "images", array.shape, np.uint8, (array[i:i + 3] for i in range(0, 7, 3)))
+    with np.load(path, allow_pickle=False) as saved:
+        assert list(saved) == ["images"]
+        np.testing.assert_array_equal(saved["images"], array)
+    with open(tmp_path / "short.npz", "wb") as handle, pytest.raises(ValueError, match="got 6 of its 7 rows"):
+        write_npz_rows(handle, "images", array.shape, np.uint8, [array[:6]])
+
+
+# ---- eval, compare and sample under torchrun ----------------------------------------------
+def copy_of_run(run: Path, destination: Path) -> Path:
+    """A fresh workdir holding only the checkpoints of ``run`` (no cached statistics)."""
+    shutil.copytree(run / "checkpoints", destination / "checkpoints")
+    return destination
+
+
+@pytest.mark.slow
+def test_eval_compare_and_sample_on_two_ranks_equal_one_process(tmp_path, tiny_run, launch, monkeypatch):
+    import evaluation
+    from evaluation import FeatureSet
+
+    monkeypatch.setattr(evaluation, "InceptionFeatures", PooledPixels)
+    _, trained = tiny_run
+    ddp, single = copy_of_run(trained, tmp_path / "ddp"), copy_of_run(trained, tmp_path / "single")
+    out_dir = tmp_path / "out"
+    out_dir.mkdir()
+    process = launch(out_dir, "evaluate", ddp)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as in the workers: the same float operations in the same order
+    try:
+        expected = json.loads(json.dumps(run_modes(single), default=str))  # meanwhile, one process
+    finally:
+        torch.set_num_threads(threads)
+    finish(process)
+
+    results = [json.loads((out_dir / f"results_{rank}.json").read_text()) for rank in range(WORLD_SIZE)]
+    assert results[1] == {"eval": {}, "compare": {}, "sample": {}}, "rank 1 reported"
+    report, reference = results[0]["eval"], expected["eval"]
+    # per-image values assembled exactly: mean and standard error bit for bit
+    assert report["heldout_loss"] == reference["heldout_loss"]
+    for key in ("bpd_ode", "bpd_elbo"):
+        assert report[key] == reference[key], key
+    quality, expected_quality = report["samples"], reference["samples"]
+    assert quality["processes"] == 2 and expected_quality["processes"] == 1
+    for key in ("nfe", "num_samples", "num_generated", "num_reference", "kid", "kid_std"):
+        assert quality[key] == expected_quality[key], key
+    assert quality["fid"] == pytest.approx(expected_quality["fid"], rel=1e-9)
+    classifier, expected_classifier = quality["classifier"], expected_quality["classifier"]
+    assert classifier["num_images"] == 20 and classifier["class_histogram"] == expected_classifier["class_histogram"]
+    for key in ("mean_confidence", "mean_entropy"):  # float64 sums added in another order
+        assert classifier[key] == pytest.approx(expected_classifier[key], rel=1e-12), key
+    [compared], [expected_compared] = results[0]["compare"]["results"], expected["compare"]["results"]
+    assert compared["kid"] == expected_compared["kid"] and compared["nfe"] == expected_compared["nfe"]
+    assert compared["fid"] == pytest.approx(expected_compared["fid"], rel=1e-9)
+    assert results[0]["sample"]["nfe_per_sample"] == expected["sample"]["nfe_per_sample"]
+
+    # the reference statistics the ranks computed together
+    [cache] = (ddp / "eval").glob("inception_mnist_test-*_30.npz")
+    computed, expected_set = FeatureSet.load(cache), FeatureSet.load(single / "eval" / cache.name)
+    assert computed.count == expected_set.count == 30
+    np.testing.assert_array_equal(computed.reservoir.features, expected_set.reservoir.features)
+    np.testing.assert_allclose(computed.stats.outer_sum, expected_set.stats.outer_sum, rtol=1e-13)
+    np.testing.assert_allclose(computed.stats.feature_sum, expected_set.stats.feature_sum, rtol=1e-13)
+    # sample mode: every rank's batches in order, the same file
+    name = "ddim_3steps_seed0"
+    with np.load(ddp / "samples" / f"{name}.npz") as saved, np.load(single / "samples" / f"{name}.npz") as alone:
+        assert saved["images"].shape == (13, 1, 28, 28)
+        np.testing.assert_array_equal(saved["images"], alone["images"])
+    # rank 0 alone wrote: one event file, one of each output
+    assert len(list((ddp / "tb").glob("events.out.tfevents.*"))) == 1
+    assert sorted(p.name for p in (ddp / "samples").iterdir()) == sorted(p.name for p in (single / "samples").iterdir())
+    assert {"report_step6.json", "samples_step6.png", cache.name} <= {p.name for p in (ddp / "eval").iterdir()}
+
+
 if __name__ == "__main__":
-    run_worker(Path(sys.argv[1]), Path(sys.argv[2]), int(sys.argv[3]))
+    worker_out_dir, worker_task, *worker_args = sys.argv[1:]
+    (Path(worker_out_dir) / f"pid_{os.environ['RANK']}").write_text(str(os.getpid()))
+    if worker_task == "train":
+        run_worker(Path(worker_args[0]), Path(worker_out_dir), int(worker_args[1]))
+    else:
+        run_evaluation_worker(Path(worker_args[0]), Path(worker_out_dir))
