@@ -1,0 +1,268 @@
+"""Our samplers against diffusers' schedulers on the same released weights: FID and KID at
+10 and 20 NFE.
+
+    python bench/peer_samplers.py --workdir runs/mnist_vp_release            # the protocol
+    python bench/peer_samplers.py --num-samples 50 --reference-num-images 200 --no-append  # a quick try
+
+The network of ``--checkpoint`` is sampled by
+
+* ours: every registered sampler at its default options (``sde.samplers.available()``; the
+  adaptive ``ode`` replaced by its fixed-step methods) and DPM-Solver of order 3, with
+  ``steps_for_nfe``: the most steps whose evaluations fit the budget;
+* theirs: diffusers' DDIMScheduler, DPMSolverMultistepScheduler, UniPCMultistepScheduler and
+  EulerDiscreteScheduler, each with every timestep spacing (leading, linspace, trailing) and,
+  where offered, Karras sigmas, at as many steps as the budget (one evaluation per step),
+  through the thin adapter of ``bench/peers.py``: schedulers built on our VP-SDE's DDPM
+  chain (``trained_betas = sde.betas``, eps prediction), their integer timestep j mapped to
+  our continuous time t = T (j + 1) / N, the convention of our ``discrete=True`` grids
+  (discrete step i = j + 1 at t_i = T i / N, ``sde.sdes.SDE.discrete_times``); EulerDiscrete
+  works on x / alpha, so its model input goes through ``scheduler.scale_model_input`` and
+  its x_T is scaled by ``init_noise_sigma``, as diffusers' pipelines do.
+
+Sample k starts from the same x_T everywhere (``sde.inference.sample_generators``: generator
+(seed, k)); every run counts its network evaluations. Before the runs an adapter check
+samples two images with diffusers' DDIM (trailing spacing, 10 steps) and with our ``ddim``
+on the identical discrete grid (``discrete=True``, uniform schedule, eps = the last
+timestep's t): the two are the same algorithm on the same chain, so they must agree to float
+precision; a larger difference means the time mapping or the tables are wrong, and the
+script stops. FID and KID of ``--num-samples`` samples are taken against the Inception
+statistics of the training images (``sde.run_eval.reference_features``, cached in
+``--workdir``/eval). Prints the table and FID(our best at 10 NFE) / FID(their best at 10
+NFE) (goal <= 0.9), and appends them to BENCHMARKS.md. Finished runs are kept in
+``--out``/runs.json, keyed by their settings, so an interrupted benchmark resumes.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from bench import peers  # noqa: E402
+from bench.common import append_to_benchmarks, load_config  # noqa: E402
+from bench.sampler_variants import sampler_variants, variant_label  # noqa: E402
+from sde import data, samplers  # noqa: E402
+from sde.inference import load_ema_model, sample_generators, sample_shape  # noqa: E402
+from sde.run_eval import reference_features, sample_quality  # noqa: E402
+from sde.sdes import create_sde  # noqa: E402
+from sde.workdir import Workdir  # noqa: E402
+
+#: Adapter check: images, steps, and the largest accepted |x_diffusers - x_ours| (the two
+#: runs differ only by float32 against float64 arithmetic, about 1e-5 on data in [-1, 1]).
+CHECK_IMAGES, CHECK_STEPS, CHECK_TOLERANCE = 2, 10, 1e-3
+#: The ratio the protocol reports, and its goal.
+HEADLINE_NFE, GOAL_RATIO = 10, 0.9
+
+
+def plan_ours(names: list[str], budgets: list[int]) -> list[dict]:
+    """Our runs: sampler, options, steps for each NFE budget that the sampler fits in."""
+    runs = []
+    for budget in budgets:
+        for name in names:
+            for options in sampler_variants(name):
+                try:
+                    steps = samplers.steps_for_nfe(name, budget, **options)
+                except ValueError:  # needs more than the budget even for one step
+                    continue
+                runs.append({"family": "ours", "budget": budget, "name": name, "options": options,
+                             "steps": steps, "label": variant_label(name, options)})
+    return runs
+
+
+def plan_theirs(names: list[str], spacings: list[str], karras: bool, budgets: list[int]) -> list[dict]:
+    """diffusers runs: scheduler, spacing or Karras sigmas, steps = the NFE budget."""
+    runs = []
+    for budget in budgets:
+        for name in names:
+            settings = [(spacing, False) for spacing in spacings]
+            if karras and name in peers.KARRAS_SCHEDULERS:
+                settings.append(("linspace", True))  # the spacing is unused with Karras sigmas
+            for spacing, use_karras in settings:
+                runs.append({"family": "diffusers", "budget": budget, "name": name,
+                             "spacing": spacing, "karras": use_karras, "steps": budget,
+                             "label": peers.peer_label(name, spacing, use_karras)})
+    return runs
+
+
+def peer_quality(config, model, sde, device, run: dict, *, num_samples: int, inception,
+                 reference) -> dict:
+    """FID/KID of ``num_samples`` images of a diffusers scheduler, streamed as
+    ``sde.run_eval.sample_quality`` streams ours: same batches, seeds and feature sets."""
+    from evaluation import compare_feature_sets
+    from evaluation.fid import FeatureAccumulator
+
+    scheduler = peers.make_scheduler(run["name"], sde, run["spacing"], run["karras"])
+    features = FeatureAccumulator(num_samples, reference.stats.dim)
+    batch_size, seed = config.sampling.batch_size, config.sampling.seed
+    start, sampling_time, nfe = time.perf_counter(), 0.0, 0
+    for first in range(0, num_samples, batch_size):
+        count = min(batch_size, num_samples - first)
+        batch_start = time.perf_counter()
+        x, nfe = peers.peer_sample(scheduler, model, sde, sample_shape(config, count),
+                                   steps=run["steps"],
+                                   generators=sample_generators(seed, first, count, device))
+        sampling_time += time.perf_counter() - batch_start
+        features.update(inception(data.float_to_uint8(x.float().cpu(),
+                                                      dequantized=config.data.dequantize)), first)
+    metrics = {"nfe": nfe, "num_samples": num_samples, "sampling_time_s": sampling_time,
+               "wall_time_s": time.perf_counter() - start}
+    metrics.update(compare_feature_sets(features.feature_set(), reference, seed=seed))
+    return metrics
+
+
+def adapter_check(config, model, sde, device) -> float:
+    """max |x| difference of diffusers' DDIM (trailing) and our ddim on the same discrete grid."""
+    scheduler = peers.make_scheduler("DDIM", sde, "trailing")
+    scheduler.set_timesteps(CHECK_STEPS)
+    last_t = float(peers.time_of_timestep(scheduler.timesteps[-1], sde))
+    shape = sample_shape(config, CHECK_IMAGES)
+    theirs, _ = peers.peer_sample(scheduler, model, sde, shape, steps=CHECK_STEPS,
+                                  generators=sample_generators(0, 0, CHECK_IMAGES, device))
+    ours, info = samplers.sample("ddim", model, sde, shape, steps=CHECK_STEPS, discrete=True,
+                                 schedule="uniform", eps=last_t, disable=True,
+                                 generator=sample_generators(0, 0, CHECK_IMAGES, device))
+    their_t = peers.time_of_timestep(scheduler.timesteps, sde).tolist()
+    if not torch.allclose(torch.tensor(info["t"][:-1], dtype=torch.float64),
+                          torch.tensor(their_t, dtype=torch.float64)):
+        raise SystemExit(f"adapter check: grids differ, ours {info['t'][:-1]} vs diffusers {their_t}")
+    return float((theirs.double() - ours.double()).abs().max())
+
+
+def row(metrics: dict) -> str:
+    return (f"| {metrics['family']} | {metrics['label']} | {metrics['steps']} | {metrics['nfe']} | "
+            f"{metrics['fid']:.2f} | {1e3 * metrics['kid']:.2f} ± {1e3 * metrics['kid_std']:.2f} | "
+            f"{metrics['sampling_time_s']:.0f} |")
+
+
+def summarize(results: list[dict], budgets: list[int]) -> list[str]:
+    """Best of each family per NFE budget, and the headline ratio."""
+    lines = ["| NFE budget | our best | FID | diffusers' best | FID | ours / diffusers |",
+             "|---|---|---|---|---|---|"]
+    ratios = {}
+    for budget in budgets:
+        best = {}
+        for family in ("ours", "diffusers"):
+            candidates = [m for m in results if m["budget"] == budget and m["family"] == family]
+            if candidates:
+                best[family] = min(candidates, key=lambda m: m["fid"])
+        if len(best) == 2:
+            ratios[budget] = best["ours"]["fid"] / best["diffusers"]["fid"]
+            lines.append(f"| {budget} | {best['ours']['label']} ({best['ours']['nfe']} NFE) | "
+                         f"{best['ours']['fid']:.2f} | {best['diffusers']['label']} | "
+                         f"{best['diffusers']['fid']:.2f} | {ratios[budget]:.2f} |")
+    if HEADLINE_NFE in ratios:
+        ratio = ratios[HEADLINE_NFE]
+        lines += ["", f"FID(our best at {HEADLINE_NFE} NFE) / FID(diffusers' best at {HEADLINE_NFE} "
+                      f"NFE) = {ratio:.2f} (goal <= {GOAL_RATIO}: {'met' if ratio <= GOAL_RATIO else 'not met'})."]
+    return lines
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", default="configs/mnist_vp_release.py")
+    parser.add_argument("--checkpoint", default="release/mnist_vp_release.safetensors",
+                        help="exported .safetensors weights or a training checkpoint .pt")
+    parser.add_argument("--workdir", default="runs/mnist_vp_release",
+                        help="run directory whose eval/ caches the reference Inception statistics")
+    parser.add_argument("--out", default="bench/results/peer_samplers")
+    parser.add_argument("--num-samples", type=int, default=1000)
+    parser.add_argument("--batch-size", type=int, default=100)
+    parser.add_argument("--nfe", type=int, nargs="+", default=[10, 20])
+    parser.add_argument("--seed", type=int, default=0, help="image k starts from generator (seed, k)")
+    parser.add_argument("--ours", nargs="+", default=None, help="our samplers (default: all registered)")
+    parser.add_argument("--schedulers", nargs="+", default=list(peers.SCHEDULERS),
+                        choices=list(peers.SCHEDULERS))
+    parser.add_argument("--spacings", nargs="+", default=list(peers.SPACINGS), choices=list(peers.SPACINGS))
+    parser.add_argument("--no-karras", action="store_true", help="skip the Karras-sigma variants")
+    parser.add_argument("--reference-num-images", type=int, default=0,
+                        help="training images in the FID reference (0: all, the protocol)")
+    parser.add_argument("--threads", type=int, default=0)
+    parser.add_argument("--no-append", action="store_true", help="do not append to BENCHMARKS.md")
+    args = parser.parse_args()
+    names = args.ours or samplers.available()
+    unknown = sorted(set(names) - set(samplers.available()))
+    if unknown:
+        parser.error(f"unknown sampler(s) {unknown}; accepted: {', '.join(samplers.available())}")
+    if args.num_samples < 2:
+        parser.error("--num-samples must be >= 2 (FID needs a covariance)")
+    if not Path(args.checkpoint).is_file():
+        parser.error(f"--checkpoint {args.checkpoint} does not exist")
+    peers.require_diffusers()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    from evaluation import InceptionFeatures
+
+    config = load_config(args.config)
+    config.sampling.batch_size = args.batch_size
+    config.sampling.seed = args.seed
+    config.eval.reference_num_images = args.reference_num_images
+    device = torch.device("cpu")
+    sde = create_sde(config)
+    model, source, step = load_ema_model(config, args.workdir, device, args.checkpoint)
+    difference = adapter_check(config, model, sde, device)
+    print(f"adapter check (diffusers DDIM trailing vs our ddim, same discrete grid, "
+          f"{CHECK_STEPS} steps): max |difference| = {difference:.2e}", flush=True)
+    if difference > CHECK_TOLERANCE:
+        raise SystemExit(f"adapter check failed: {difference:.2e} > {CHECK_TOLERANCE}; the "
+                         f"timestep mapping or the beta tables do not match")
+    inception = InceptionFeatures(config.eval.inception_path or None, device=device,
+                                  batch_size=config.eval.batch_size)
+    reference = reference_features(config, Workdir(args.workdir), inception)
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    store_path = out / "runs.json"
+    store = json.loads(store_path.read_text()) if store_path.is_file() else {}
+    weights_digest = hashlib.sha1(Path(args.checkpoint).read_bytes()).hexdigest()[:10]
+
+    runs = plan_ours(names, args.nfe) + plan_theirs(args.schedulers, args.spacings,
+                                                    not args.no_karras, args.nfe)
+    results = []
+    for run in runs:
+        key = (f"{weights_digest}|{args.num_samples}|{reference.count}|{args.seed}|"
+               f"{run['family']}|{run['label']}|{run['steps']}")
+        if key not in store:
+            if run["family"] == "ours":
+                metrics, _ = sample_quality(config, model, sde, device, method=run["name"],
+                                            steps=run["steps"], options=run["options"],
+                                            num_samples=args.num_samples, inception=inception,
+                                            reference=reference, progress=False)
+                metrics = {key_: metrics[key_] for key_ in ("nfe", "num_samples", "sampling_time_s",
+                                                            "wall_time_s", "fid", "kid", "kid_std",
+                                                            "num_generated", "num_reference")}
+            else:
+                metrics = peer_quality(config, model, sde, device, run,
+                                       num_samples=args.num_samples, inception=inception,
+                                       reference=reference)
+            store[key] = {**run, **metrics}
+            store_path.write_text(json.dumps(store, indent=1, default=str))
+        metrics = {**store[key], "budget": run["budget"]}
+        print(f"{metrics['family']} {metrics['label']} x{metrics['steps']}: NFE {metrics['nfe']}, "
+              f"FID {metrics['fid']:.2f}, {metrics['wall_time_s']:.0f} s", flush=True)
+        results.append(metrics)
+
+    header = ("| family | sampler | steps | NFE | FID | KID x1e3 | sampling s |\n"
+              "|---|---|---|---|---|---|---|")
+    ordered = sorted(results, key=lambda m: (m["budget"], m["family"] != "ours", m["fid"]))
+    intro = (f"Checkpoint {source} (step {step}); {args.num_samples} samples per run, seed "
+             f"{args.seed} (the same x_T per image in every run); reference: Inception "
+             f"statistics of {reference.count} training images. Adapter check: max |diffusers "
+             f"DDIM - our ddim| on the same discrete grid = {difference:.1e}.")
+    table = "\n".join([intro, "", header] + [row(m) for m in ordered] + [""] +
+                      summarize(results, args.nfe))
+    print(table)
+    if not args.no_append:
+        command = "python bench/peer_samplers.py " + " ".join(sys.argv[1:])
+        append_to_benchmarks("Our samplers vs diffusers' schedulers on the same weights", command, table)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,23 @@
+"""Which option sets of our samplers the peer and overhead benchmarks run, and their labels."""
+from __future__ import annotations
+
+from sde import samplers
+from sde.samplers import ode as ode_module
+
+#: Option variants run besides each sampler's defaults.
+EXTRA_VARIANTS = {"dpm_solver": [{"order": 3}]}
+
+
+def sampler_variants(name: str) -> list[dict]:
+    """Option sets of sampler ``name``: its defaults, or, when those are adaptive (the
+    dopri5 ODE, whose NFE no step count fixes), each fixed-step method; then
+    ``EXTRA_VARIANTS``."""
+    if samplers.nfe_for_steps(name, 1) is None:
+        return [{"method": method} for method, stages in ode_module.METHOD_STAGES.items()
+                if stages is not None] + EXTRA_VARIANTS.get(name, [])
+    return [{}] + EXTRA_VARIANTS.get(name, [])
+
+
+def variant_label(name: str, options: dict) -> str:
+    """``name`` or ``name (key=value, ...)``."""
+    return name + (" (" + ", ".join(f"{k}={v}" for k, v in options.items()) + ")" if options else "")
