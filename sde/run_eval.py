@@ -53,9 +53,8 @@ def reference_features(config, run: Workdir, inception, *, shard: tuple[int, int
     """
     from evaluation import reference_stats
 
-    reference, _ = data.load_dataset(config)
-    if config.eval.reference_num_images:
-        reference = reference[:config.eval.reference_num_images]
+    reference, _ = data.evaluation_subset(*data.load_dataset(config),
+                                          config.eval.reference_num_images, seed=config.seed)
     digest = hashlib.sha1(reference.numpy().tobytes()).hexdigest()[:10]
     return reference_stats(run.eval, dataset=config.data.dataset,
                            split=f"{config.data.split}-{digest}", count=len(reference),
@@ -186,8 +185,8 @@ def evaluate(config, workdir: str | Path) -> dict[str, Any]:
     report: dict[str, Any] = {"checkpoint": source, "checkpoint_step": step, "sde": repr(sde)}
 
     if config.data.dataset != "toy":
-        heldout, _ = data.load_dataset(config, split=eval_cfg.heldout_split)
-        heldout = heldout[:eval_cfg.bpd_num_images]
+        heldout, _ = data.evaluation_subset(*data.load_dataset(config, split=eval_cfg.heldout_split),
+                                            eval_cfg.bpd_num_images, seed=config.seed)
         report["heldout"] = {"split": eval_cfg.heldout_split, "num_images": len(heldout)}
         report.update(heldout_metrics(config, model, sde, heldout, shard=context.shard))
 
