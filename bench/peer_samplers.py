@@ -9,27 +9,32 @@ The network of ``--checkpoint`` is sampled by
 * ours: every registered sampler at its default options (``sde.samplers.available()``; the
   adaptive ``ode`` replaced by its fixed-step methods) and DPM-Solver of order 3, with
   ``steps_for_nfe``: the most steps whose evaluations fit the budget;
-* theirs: diffusers' DDIMScheduler, DPMSolverMultistepScheduler, UniPCMultistepScheduler and
-  EulerDiscreteScheduler, each with every timestep spacing (leading, linspace, trailing) and,
-  where offered, Karras sigmas, at as many steps as the budget (one evaluation per step),
-  through the thin adapter of ``bench/peers.py``: schedulers built on our VP-SDE's DDPM
-  chain (``trained_betas = sde.betas``, eps prediction), their integer timestep j mapped to
-  our continuous time t = T (j + 1) / N, the convention of our ``discrete=True`` grids
-  (discrete step i = j + 1 at t_i = T i / N, ``sde.sdes.SDE.discrete_times``); EulerDiscrete
-  works on x / alpha, so its model input goes through ``scheduler.scale_model_input`` and
-  its x_T is scaled by ``init_noise_sigma``, as diffusers' pipelines do.
+* theirs: diffusers' DDIMScheduler, DPMSolverMultistepScheduler, UniPCMultistepScheduler,
+  EulerDiscreteScheduler, and the stochastic DDPMScheduler and EulerAncestralDiscreteScheduler,
+  each with every timestep spacing (leading, linspace, trailing) and, where offered, Karras
+  sigmas, at as many steps as the budget (one evaluation per step), through the thin adapter
+  of ``bench/peers.py``: schedulers built on our VP-SDE's DDPM chain (``trained_betas =
+  sde.betas``, eps prediction), their integer timestep j mapped to our continuous time
+  t = T (j + 1) / N, the convention of our ``discrete=True`` grids (discrete step i = j + 1 at
+  t_i = T i / N, ``sde.sdes.SDE.discrete_times``). The Euler schedulers work on x / alpha,
+  so their model input goes through ``scheduler.scale_model_input`` and their x_T is scaled
+  by ``init_noise_sigma``, as diffusers' pipelines do.
 
 Sample k starts from the same x_T everywhere (``sde.inference.sample_generators``: generator
-(seed, k)); every run counts its network evaluations. Before the runs an adapter check
-samples two images with diffusers' DDIM (trailing spacing, 10 steps) and with our ``ddim``
-on the identical discrete grid (``discrete=True``, uniform schedule, eps = the last
-timestep's t): the two are the same algorithm on the same chain, so they must agree to float
-precision; a larger difference means the time mapping or the tables are wrong, and the
-script stops. FID and KID of ``--num-samples`` samples are taken against the Inception
-statistics of the training images (``sde.run_eval.reference_features``, cached in
-``--workdir``/eval). Prints the table and FID(our best at 10 NFE) / FID(their best at 10
-NFE) (goal <= 0.9), and appends them to BENCHMARKS.md. Finished runs are kept in
-``--out``/runs.json, keyed by their settings, so an interrupted benchmark resumes.
+(seed, k), which also gives the stochastic samplers' per-step noise of sample k); every run
+counts its network evaluations. Before the runs, an adapter check samples two images with
+diffusers' DDIM and DDPM (trailing spacing, 10 steps) and with our ``ddim``
+(``discrete=True``) and ``ancestral`` on the identical discrete grid (uniform schedule down
+to eps = the last timestep's t): each pair is the same algorithm on the same chain with the
+same noise, so they must agree to float precision; a larger difference means the time
+mapping or the tables are wrong, and the script stops.
+
+FID and KID of ``--num-samples`` samples are taken against the Inception statistics of the
+training images (``sde.run_eval.reference_features``, cached in ``--workdir``/eval). Prints
+the table and FID(our best at 10 NFE) / FID(their best at 10 NFE) (goal <= 0.9), over all
+samplers run and over the deterministic (probability-flow ODE) samplers of both sides, and
+appends them to BENCHMARKS.md. Finished runs are kept in ``--out``/runs.json, keyed by their
+settings, so an interrupted benchmark resumes.
 """
 from __future__ import annotations
 
@@ -47,15 +52,19 @@ sys.path.insert(0, str(REPO))
 
 from bench import peers  # noqa: E402
 from bench.common import append_to_benchmarks, load_config  # noqa: E402
-from bench.sampler_variants import sampler_variants, variant_label  # noqa: E402
+from bench.sampler_variants import STOCHASTIC_SAMPLERS, sampler_variants, variant_label  # noqa: E402
 from sde import data, samplers  # noqa: E402
 from sde.inference import load_ema_model, sample_generators, sample_shape  # noqa: E402
 from sde.run_eval import reference_features, sample_quality  # noqa: E402
 from sde.sdes import create_sde  # noqa: E402
 from sde.workdir import Workdir  # noqa: E402
 
-#: Adapter check: images, steps, and the largest accepted |x_diffusers - x_ours| (the two
-#: runs differ only by float32 against float64 arithmetic, about 1e-5 on data in [-1, 1]).
+#: Adapter check: diffusers scheduler and our sampler (with options) that are the same
+#: algorithm on the same discrete chain (trailing spacing = our discrete uniform grid down
+#: to the last timestep's t), and so must agree given the same x_T and per-step noise.
+CHECK_PAIRS = (("DDIM", "ddim", {"discrete": True}), ("DDPM", "ancestral", {}))
+#: Its images, steps, and the largest accepted |x_diffusers - x_ours| (the runs differ only
+#: by float32 against float64 arithmetic, about 1e-5 on data in [-1, 1]).
 CHECK_IMAGES, CHECK_STEPS, CHECK_TOLERANCE = 2, 10, 1e-3
 #: The ratio the protocol reports, and its goal.
 HEADLINE_NFE, GOAL_RATIO = 10, 0.9
@@ -72,7 +81,8 @@ def plan_ours(names: list[str], budgets: list[int]) -> list[dict]:
                 except ValueError:  # needs more than the budget even for one step
                     continue
                 runs.append({"family": "ours", "budget": budget, "name": name, "options": options,
-                             "steps": steps, "label": variant_label(name, options)})
+                             "steps": steps, "label": variant_label(name, options),
+                             "stochastic": name in STOCHASTIC_SAMPLERS})
     return runs
 
 
@@ -87,7 +97,8 @@ def plan_theirs(names: list[str], spacings: list[str], karras: bool, budgets: li
             for spacing, use_karras in settings:
                 runs.append({"family": "diffusers", "budget": budget, "name": name,
                              "spacing": spacing, "karras": use_karras, "steps": budget,
-                             "label": peers.peer_label(name, spacing, use_karras)})
+                             "label": peers.peer_label(name, spacing, use_karras),
+                             "stochastic": name in peers.STOCHASTIC_SCHEDULERS})
     return runs
 
 
@@ -106,7 +117,7 @@ def peer_quality(config, model, sde, device, run: dict, *, num_samples: int, inc
         count = min(batch_size, num_samples - first)
         batch_start = time.perf_counter()
         x, nfe = peers.peer_sample(scheduler, model, sde, sample_shape(config, count),
-                                   steps=run["steps"],
+                                   steps=run["steps"], stochastic=run["stochastic"],
                                    generators=sample_generators(seed, first, count, device))
         sampling_time += time.perf_counter() - batch_start
         features.update(inception(data.float_to_uint8(x.float().cpu(),
@@ -117,22 +128,26 @@ def peer_quality(config, model, sde, device, run: dict, *, num_samples: int, inc
     return metrics
 
 
-def adapter_check(config, model, sde, device) -> float:
-    """max |x| difference of diffusers' DDIM (trailing) and our ddim on the same discrete grid."""
-    scheduler = peers.make_scheduler("DDIM", sde, "trailing")
-    scheduler.set_timesteps(CHECK_STEPS)
-    last_t = float(peers.time_of_timestep(scheduler.timesteps[-1], sde))
+def adapter_check(config, model, sde, device) -> dict[str, float]:
+    """max |x_diffusers - x_ours| of each ``CHECK_PAIRS`` pair on the same discrete grid."""
+    differences = {}
     shape = sample_shape(config, CHECK_IMAGES)
-    theirs, _ = peers.peer_sample(scheduler, model, sde, shape, steps=CHECK_STEPS,
-                                  generators=sample_generators(0, 0, CHECK_IMAGES, device))
-    ours, info = samplers.sample("ddim", model, sde, shape, steps=CHECK_STEPS, discrete=True,
-                                 schedule="uniform", eps=last_t, disable=True,
-                                 generator=sample_generators(0, 0, CHECK_IMAGES, device))
-    their_t = peers.time_of_timestep(scheduler.timesteps, sde).tolist()
-    if not torch.allclose(torch.tensor(info["t"][:-1], dtype=torch.float64),
-                          torch.tensor(their_t, dtype=torch.float64)):
-        raise SystemExit(f"adapter check: grids differ, ours {info['t'][:-1]} vs diffusers {their_t}")
-    return float((theirs.double() - ours.double()).abs().max())
+    for their_name, our_name, our_options in CHECK_PAIRS:
+        scheduler = peers.make_scheduler(their_name, sde, "trailing")
+        scheduler.set_timesteps(CHECK_STEPS)
+        their_t = peers.time_of_timestep(scheduler.timesteps, sde)
+        theirs, _ = peers.peer_sample(scheduler, model, sde, shape, steps=CHECK_STEPS,
+                                      stochastic=their_name in peers.STOCHASTIC_SCHEDULERS,
+                                      generators=sample_generators(0, 0, CHECK_IMAGES, device))
+        ours, info = samplers.sample(our_name, model, sde, shape, steps=CHECK_STEPS,
+                                     schedule="uniform", eps=float(their_t[-1]), disable=True,
+                                     generator=sample_generators(0, 0, CHECK_IMAGES, device),
+                                     **our_options)
+        if not torch.allclose(torch.tensor(info["t"][:-1], dtype=torch.float64), their_t):
+            raise SystemExit(f"adapter check: {our_name} grid {info['t'][:-1]} differs from "
+                             f"{their_name}'s {their_t.tolist()}")
+        differences[f"{their_name} vs {our_name}"] = float((theirs.double() - ours.double()).abs().max())
+    return differences
 
 
 def row(metrics: dict) -> str:
@@ -142,26 +157,30 @@ def row(metrics: dict) -> str:
 
 
 def summarize(results: list[dict], budgets: list[int]) -> list[str]:
-    """Best of each family per NFE budget, and the headline ratio."""
-    lines = ["| NFE budget | our best | FID | diffusers' best | FID | ours / diffusers |",
-             "|---|---|---|---|---|---|"]
+    """Best of each family per NFE budget, over all samplers and over the deterministic ones,
+    and the headline ratio."""
+    lines = ["| NFE budget | samplers | our best | FID | diffusers' best | FID | ours / diffusers |",
+             "|---|---|---|---|---|---|---|"]
     ratios = {}
     for budget in budgets:
-        best = {}
-        for family in ("ours", "diffusers"):
-            candidates = [m for m in results if m["budget"] == budget and m["family"] == family]
-            if candidates:
-                best[family] = min(candidates, key=lambda m: m["fid"])
-        if len(best) == 2:
-            ratios[budget] = best["ours"]["fid"] / best["diffusers"]["fid"]
-            lines.append(f"| {budget} | {best['ours']['label']} ({best['ours']['nfe']} NFE) | "
+        for scope in ("all", "deterministic"):
+            best = {}
+            for family in ("ours", "diffusers"):
+                candidates = [m for m in results if m["budget"] == budget and m["family"] == family
+                              and (scope == "all" or not m["stochastic"])]
+                if candidates:
+                    best[family] = min(candidates, key=lambda m: m["fid"])
+            if len(best) < 2:
+                continue
+            ratios[(budget, scope)] = ratio = best["ours"]["fid"] / best["diffusers"]["fid"]
+            lines.append(f"| {budget} | {scope} | {best['ours']['label']} ({best['ours']['nfe']} NFE) | "
                          f"{best['ours']['fid']:.2f} | {best['diffusers']['label']} | "
-                         f"{best['diffusers']['fid']:.2f} | {ratios[budget]:.2f} |")
-    if HEADLINE_NFE in ratios:
-        ratio = ratios[HEADLINE_NFE]
-        lines += ["", f"FID(our best at {HEADLINE_NFE} NFE) / FID(diffusers' best at {HEADLINE_NFE} "
-                      f"NFE) = {ratio:.2f} (goal <= {GOAL_RATIO}: {'met' if ratio <= GOAL_RATIO else 'not met'})."]
-    return lines
+                         f"{best['diffusers']['fid']:.2f} | {ratio:.2f} |")
+    headlines = [f"FID(our best at {HEADLINE_NFE} NFE) / FID(diffusers' best at {HEADLINE_NFE} NFE), "
+                 f"{scope} samplers: {ratios[(HEADLINE_NFE, scope)]:.2f} (goal <= {GOAL_RATIO}: "
+                 f"{'met' if ratios[(HEADLINE_NFE, scope)] <= GOAL_RATIO else 'not met'})."
+                 for scope in ("all", "deterministic") if (HEADLINE_NFE, scope) in ratios]
+    return lines + ([""] + headlines if headlines else [])
 
 
 def main() -> None:
@@ -207,11 +226,12 @@ def main() -> None:
     device = torch.device("cpu")
     sde = create_sde(config)
     model, source, step = load_ema_model(config, args.workdir, device, args.checkpoint)
-    difference = adapter_check(config, model, sde, device)
-    print(f"adapter check (diffusers DDIM trailing vs our ddim, same discrete grid, "
-          f"{CHECK_STEPS} steps): max |difference| = {difference:.2e}", flush=True)
-    if difference > CHECK_TOLERANCE:
-        raise SystemExit(f"adapter check failed: {difference:.2e} > {CHECK_TOLERANCE}; the "
+    differences = adapter_check(config, model, sde, device)
+    check = ", ".join(f"{pair} {difference:.1e}" for pair, difference in differences.items())
+    print(f"adapter check, max |x_diffusers - x_ours| on the same discrete grid of {CHECK_STEPS} "
+          f"steps: {check}", flush=True)
+    if max(differences.values()) > CHECK_TOLERANCE:
+        raise SystemExit(f"adapter check failed: a difference above {CHECK_TOLERANCE}; the "
                          f"timestep mapping or the beta tables do not match")
     inception = InceptionFeatures(config.eval.inception_path or None, device=device,
                                   batch_size=config.eval.batch_size)
@@ -244,7 +264,7 @@ def main() -> None:
                                        reference=reference)
             store[key] = {**run, **metrics}
             store_path.write_text(json.dumps(store, indent=1, default=str))
-        metrics = {**store[key], "budget": run["budget"]}
+        metrics = {**store[key], **run}
         print(f"{metrics['family']} {metrics['label']} x{metrics['steps']}: NFE {metrics['nfe']}, "
               f"FID {metrics['fid']:.2f}, {metrics['wall_time_s']:.0f} s", flush=True)
         results.append(metrics)
@@ -254,8 +274,8 @@ def main() -> None:
     ordered = sorted(results, key=lambda m: (m["budget"], m["family"] != "ours", m["fid"]))
     intro = (f"Checkpoint {source} (step {step}); {args.num_samples} samples per run, seed "
              f"{args.seed} (the same x_T per image in every run); reference: Inception "
-             f"statistics of {reference.count} training images. Adapter check: max |diffusers "
-             f"DDIM - our ddim| on the same discrete grid = {difference:.1e}.")
+             f"statistics of {reference.count} training images. Adapter check (max |x_diffusers - "
+             f"x_ours| on the same discrete grid): {check}.")
     table = "\n".join([intro, "", header] + [row(m) for m in ordered] + [""] +
                       summarize(results, args.nfe))
     print(table)

@@ -37,7 +37,12 @@ SCHEDULERS = {
     "DPMSolverMultistep": "DPMSolverMultistepScheduler",
     "UniPCMultistep": "UniPCMultistepScheduler",
     "EulerDiscrete": "EulerDiscreteScheduler",
+    "DDPM": "DDPMScheduler",
+    "EulerAncestralDiscrete": "EulerAncestralDiscreteScheduler",
 }
+#: The stochastic ones (fresh noise every step, drawn per sample like ours): DDPM's
+#: ancestral sampling and Euler ancestral.
+STOCHASTIC_SCHEDULERS = ("DDPM", "EulerAncestralDiscrete")
 #: diffusers' timestep spacings (Lin et al. 2024, "Common Diffusion Noise Schedules and
 #: Sample Steps are Flawed", table 2).
 SPACINGS = ("leading", "linspace", "trailing")
@@ -120,7 +125,8 @@ def make_scheduler(name: str, sde, spacing: str = "linspace", karras: bool = Fal
 
     eps prediction, ``trained_betas = sde.betas``, no x0 clipping or thresholding (as our
     samplers' default ``clip_x0=False``), DDIM deterministic (eta = 0) with
-    ``set_alpha_to_one`` so its last step lands on the data, as ours do; ``karras`` uses
+    ``set_alpha_to_one`` so its last step lands on the data, as ours do; DDPM with its
+    default posterior variance beta_tilde (our ``ancestral`` default); ``karras`` uses
     Karras et al.'s noise levels instead of a timestep spacing.
     """
     if name not in SCHEDULERS:
@@ -136,6 +142,8 @@ def make_scheduler(name: str, sde, spacing: str = "linspace", karras: bool = Fal
                "prediction_type": "epsilon", "timestep_spacing": spacing}
     if name == "DDIM":
         options.update(clip_sample=False, set_alpha_to_one=True)
+    if name == "DDPM":
+        options["clip_sample"] = False
     if karras:
         options["use_karras_sigmas"] = True
     return getattr(diffusers, SCHEDULERS[name])(**options)
@@ -162,21 +170,24 @@ def prior_noise(sde, shape: Sequence[int], generators: Sequence[torch.Generator]
 
 @torch.no_grad()
 def peer_sample(scheduler, model: Callable[[Tensor, Tensor], Tensor], sde, shape: Sequence[int], *,
-                steps: int, generators: Sequence[torch.Generator]) -> tuple[Tensor, int]:
+                steps: int, generators: Sequence[torch.Generator],
+                stochastic: bool = False) -> tuple[Tensor, int]:
     """Samples of our eps-network under a diffusers scheduler, and the counted NFE.
 
     The diffusers pipeline loop: x_T scaled by ``init_noise_sigma`` (1 for the VP-space
     schedulers; about sigma_max for EulerDiscrete, which works on x / alpha), then for every
     timestep j the model input ``scale_model_input(x, j)`` (the identity, or x / sqrt(1 +
     sigma^2) = our VP-space x_t for Euler), eps = model(input, T (j + 1) / N) and
-    ``scheduler.step``.
+    ``scheduler.step``, which for the ``stochastic`` schedulers draws the noise of sample k
+    from generator k (diffusers' ``randn_tensor`` takes one generator per sample).
     """
     counted = CountedModel(model)
+    step_options = {"generator": list(generators)} if stochastic else {}
     scheduler.set_timesteps(steps)
     x = prior_noise(sde, shape, generators) * scheduler.init_noise_sigma
     for timestep in scheduler.timesteps:
         model_input = scheduler.scale_model_input(x, timestep)
         t = time_of_timestep(timestep, sde).to(x.dtype).expand(x.shape[0])
         eps = counted(model_input, t)
-        x = scheduler.step(eps, timestep, x, return_dict=False)[0]
+        x = scheduler.step(eps, timestep, x, return_dict=False, **step_options)[0]
     return x, counted.nfe

@@ -4,6 +4,9 @@ from __future__ import annotations
 from sde import samplers
 from sde.samplers import ode as ode_module
 
+#: Our samplers that draw fresh noise at every step (at their default options); the rest
+#: integrate the probability-flow ODE and are deterministic given x_T.
+STOCHASTIC_SAMPLERS = ("ancestral", "euler_maruyama", "pc")
 #: Option variants run besides each sampler's defaults.
 EXTRA_VARIANTS = {"dpm_solver": [{"order": 3}]}
 
