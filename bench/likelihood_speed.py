@@ -36,6 +36,7 @@ from scipy.integrate import solve_ivp
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench.common import append_to_benchmarks  # noqa: E402
 from sde import likelihood  # noqa: E402
 from sde.data import EmbeddedMNISTWarning, evaluation_subset, load_dataset, uint8_to_float  # noqa: E402
 from sde.inference import load_ema_model  # noqa: E402
@@ -152,6 +153,7 @@ def main() -> None:
                         choices=likelihood.ADAPTIVE_METHODS)
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     parser.add_argument("--output", default="", help="also write the results as JSON here")
+    parser.add_argument("--no-append", action="store_true", help="do not append to BENCHMARKS.md")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -221,8 +223,9 @@ def main() -> None:
           f"<= {TARGET_ERROR_BPD} bits/dim)", flush=True)
 
     # error against cost
-    print("\n| solver | variable | rtol = atol | NFE | seconds | abs error of mean bpd | worst image |")
-    print("|---|---|---|---|---|---|---|")
+    lines = ["| solver | variable | rtol = atol | NFE | seconds | abs error of mean bpd | worst image |",
+             "|---|---|---|---|---|---|---|"]
+    print("\n" + "\n".join(lines))
     table = []
     for method in args.methods:
         for variable in likelihood.VARIABLES:
@@ -233,9 +236,24 @@ def main() -> None:
                          "seconds": seconds, "error_mean_bpd": abs(bpd.mean() - reference.mean()).item(),
                          "error_max_image_bpd": (bpd - reference).abs().max().item()}
                 table.append(entry)
-                print(f"| {method} | {variable} | {tolerance:g} | {nfe} | {seconds:.1f} | "
-                      f"{entry['error_mean_bpd']:.1e} | {entry['error_max_image_bpd']:.1e} |", flush=True)
+                lines.append(f"| {method} | {variable} | {tolerance:g} | {nfe} | {seconds:.1f} | "
+                             f"{entry['error_mean_bpd']:.1e} | {entry['error_max_image_bpd']:.1e} |")
+                print(lines[-1], flush=True)
 
+    if not args.no_append:
+        side_by_side = [
+            f"Model: {description}; {len(images)} {args.split} images, one dequantization draw "
+            f"and one Hutchinson probe per image shared by every method; reference: dopri5 at "
+            f"{args.reference_tol:g} with a float64 network, {reference.mean():.4f} bits/dim.", "",
+            "| method | NFE | seconds | abs error of mean bpd | worst image |", "|---|---|---|---|---|"]
+        side_by_side += [f"| {r['method']} | {r['nfe']} | {r['seconds']:.1f} | {r['error_mean_bpd']:.1e} | "
+                         f"{r['error_max_image_bpd']:.1e} |" for r in (baseline, default)]
+        side_by_side += ["", f"Wall-time ratio score_sde protocol / toolkit default = {speedup:.2f}x "
+                             f"(target >= {TARGET_SPEEDUP:g}x within {TARGET_ERROR_BPD} bits/dim: "
+                             f"{'met' if verdict == 'meets' else 'not met'}).", "", "Error against cost:", ""]
+        command = "python bench/likelihood_speed.py " + " ".join(sys.argv[1:])
+        append_to_benchmarks("Likelihood speed (probability-flow ODE bits/dim)", command,
+                             "\n".join(side_by_side + lines))
     if args.output:
         Path(args.output).write_text(json.dumps({
             "model": description, "sde": repr(sde), "num_images": len(images), "eps": args.eps,
