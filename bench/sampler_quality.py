@@ -43,17 +43,20 @@ ADAPTIVE = "ode"
 
 
 def plan_runs(names: list[str], nfes: list[int], long_steps: int) -> list[tuple[str, int, dict]]:
-    """(sampler, steps, options) for every run of the protocol."""
+    """(sampler, steps, options) for every run of the protocol, cheapest rung first: every
+    sampler at the smallest NFE, then every sampler at the next, ..., then the adaptive ODE and
+    the long runs. An interrupted benchmark thus leaves whole rungs of the ladder behind."""
     runs = []
-    for name in names:
-        if name == ADAPTIVE:
-            runs.append((name, 2, {}))  # dopri5: steps only bound the interval, NFE is adaptive
-            continue
-        for nfe in nfes:
+    for nfe in sorted(nfes):
+        for name in names:
+            if name == ADAPTIVE:
+                continue
             try:
                 runs.append((name, samplers.steps_for_nfe(name, nfe), {}))
             except ValueError:  # the sampler needs more than nfe evaluations even for 1 step
                 continue
+    if ADAPTIVE in names:
+        runs.append((ADAPTIVE, 2, {}))  # dopri5: steps only bound the interval, NFE is adaptive
     if long_steps:
         runs += [(name, long_steps, {}) for name in ("ancestral", "ddim") if name in names]
     return runs

