@@ -1,6 +1,7 @@
-"""Training throughput of our U-Net against diffusers' UNet2DModel of matched size, fp32 and bf16.
+"""Training (fp32, bf16) and sampling throughput of our U-Net against diffusers' matched UNet2DModel.
 
     python bench/train_throughput.py --config configs/mnist_vp_release.py --rounds 5 --steps 5
+    python bench/train_throughput.py --modes train-fp32 sample-fp32   # skip the slow bf16 rows
 
 Runs the real training step (loss of sde/losses.py, backward, gradient clipping, Adam,
 EMA) on random data of the config's shape for two networks: our U-Net of the config, and
@@ -8,10 +9,15 @@ diffusers' UNet2DModel laid out the same way (``bench/peers.matched_unet_kwargs`
 widths, blocks, attention resolutions, single-head attention; both parameter counts are
 printed), trained with the same eps-prediction loss on the same batch through a thin
 wrapper that feeds it our continuous t as the timestep N t / T - 1 (``bench/peers.py``).
-Each round times fp32 and bf16 autocast steps of both networks, interleaved, so that drift
-in the machine's load hits all four alike; the table gives the median images/s of each and
-the ratio ours / theirs per precision (above 1: ours trains faster), and is appended to
-BENCHMARKS.md. bf16 is slow on CPUs without AVX512-BF16 / AMX for both networks alike.
+Each network runs in both memory layouts: NHWC (channels-last; our default,
+``model.channels_last``) and NCHW (PyTorch's and diffusers' default; diffusers' docs suggest
+``unet.to(memory_format=torch.channels_last)``, so it gets that chance too). Each round times,
+for every network, fp32 and bf16-autocast training steps and fp32 network evaluations in
+eval mode under ``torch.inference_mode`` (the sampling workload), interleaved, so that drift
+in the machine's load hits all alike; the table gives the median images/s of each and the ratios of ours
+(default layout) to diffusers in its default layout and in its faster one (above 1: ours
+is faster), and is appended to BENCHMARKS.md. bf16 is slow on CPUs without AVX512-BF16 /
+AMX for both networks alike (``--modes train-fp32 sample-fp32`` skips it).
 """
 from __future__ import annotations
 
@@ -33,7 +39,25 @@ from sde.models import count_parameters, create_model  # noqa: E402
 from sde.run_train import EMA, autocast_context  # noqa: E402
 from sde.sdes import create_sde  # noqa: E402
 
-PRECISIONS = {"fp32": False, "bf16 autocast": True}
+#: What is timed, by the flag that selects it: (row label, training step or not, bf16 autocast).
+MODES = {"train-fp32": ("training, fp32", True, False),
+         "train-bf16": ("training, bf16 autocast", True, True),
+         "sample-fp32": ("network evaluation (sampling), fp32", False, False)}
+LAYOUTS = {"NHWC": torch.channels_last, "NCHW": torch.contiguous_format}
+
+
+def networks(config, sde) -> dict[str, torch.nn.Module]:
+    """Our U-Net and diffusers' matched UNet2DModel, each in both layouts, same initial weights
+    per family (the layout does not change the numbers)."""
+    nets = {}
+    for layout, memory_format in LAYOUTS.items():
+        torch.manual_seed(0)
+        ours_config = config.copy_and_resolve_references()
+        ours_config.model.channels_last = memory_format == torch.channels_last
+        nets[f"ours {layout}"] = create_model(ours_config)
+        torch.manual_seed(0)
+        nets[f"diffusers {layout}"] = matched_unet(config, sde).to(memory_format=memory_format)
+    return nets
 
 
 class Trainee:
@@ -45,8 +69,13 @@ class Trainee:
         self.ema = EMA(model, config.model.ema_rate)
         self.optimizer = torch.optim.Adam(model.parameters(), lr=config.training.lr)
 
-    def timed_round(self, loss_fn, batch: torch.Tensor, amp: bool, steps: int) -> float:
-        """Images per second over ``steps`` full training steps."""
+    def timed_round(self, loss_fn, batch: torch.Tensor, mode: str, steps: int) -> float:
+        """Images per second over ``steps`` full training steps, or ``steps`` evaluations of the
+        network in eval mode under ``torch.inference_mode`` (what a sampler does), per ``mode``."""
+        _, train, amp = MODES[mode]
+        if not train:
+            return self.timed_evaluations(batch, steps)
+        self.model.train()
         start = time.perf_counter()
         for _ in range(steps):
             self.optimizer.zero_grad(set_to_none=True)
@@ -58,6 +87,15 @@ class Trainee:
             self.ema.update(self.model, 1000)
         return steps * batch.shape[0] / (time.perf_counter() - start)
 
+    @torch.inference_mode()
+    def timed_evaluations(self, batch: torch.Tensor, steps: int) -> float:
+        self.model.eval()
+        t = torch.rand(batch.shape[0], generator=torch.Generator().manual_seed(0))
+        start = time.perf_counter()
+        for _ in range(steps):
+            self.model(batch, t)
+        return steps * batch.shape[0] / (time.perf_counter() - start)
+
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -66,6 +104,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=5, help="training steps per timed round")
     parser.add_argument("--batch-size", type=int, default=0, help="0: the config's training.batch_size")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    parser.add_argument("--modes", nargs="+", choices=list(MODES), default=list(MODES),
+                        help="what to time (default: all; train-bf16 is slow without AVX512-BF16)")
     parser.add_argument("--no-append", action="store_true", help="do not append to BENCHMARKS.md")
     args = parser.parse_args()
     if args.rounds < 1 or args.steps < 1:
@@ -75,10 +115,8 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     config = load_config(args.config)
     sde = create_sde(config)
-    torch.manual_seed(0)
-    trainees = {"ours": Trainee(config, create_model(config)),
-                "diffusers": Trainee(config, matched_unet(config, sde))}
-    counts = {name: count_parameters(trainee.model) for name, trainee in trainees.items()}
+    trainees = {name: Trainee(config, net) for name, net in networks(config, sde).items()}
+    counts = {name.split()[0]: count_parameters(trainee.model) for name, trainee in trainees.items()}
     loss_fn = make_loss_fn(sde, LossConfig(continuous=config.training.continuous))
     batch_size = args.batch_size or config.training.batch_size
     shape = (batch_size, config.data.num_channels, config.data.image_size, config.data.image_size)
@@ -87,30 +125,33 @@ def main() -> None:
           f"{counts['diffusers']:,} parameters; batch {batch_size}, {torch.get_num_threads()} threads",
           flush=True)
 
-    runs = [(name, precision) for precision in PRECISIONS for name in trainees]
-    for name, precision in runs:  # warm-up: allocator, autocast caches
-        trainees[name].timed_round(loss_fn, batch, PRECISIONS[precision], 1)
+    runs = [(name, mode) for mode in args.modes for name in trainees]
+    for name, mode in runs:  # warm-up: allocator, autocast caches, oneDNN primitives
+        trainees[name].timed_round(loss_fn, batch, mode, 1)
     rates: dict[tuple[str, str], list[float]] = {run: [] for run in runs}
     for round_index in range(args.rounds):
-        for name, precision in runs:
-            rates[(name, precision)].append(
-                trainees[name].timed_round(loss_fn, batch, PRECISIONS[precision], args.steps))
+        for name, mode in runs:
+            rates[(name, mode)].append(trainees[name].timed_round(loss_fn, batch, mode, args.steps))
         print(f"round {round_index + 1}/{args.rounds}: " + ", ".join(
-            f"{name} {precision} {rates[(name, precision)][-1]:.1f}" for name, precision in runs),
+            f"{name} {mode} {rates[(name, mode)][-1]:.1f}" for name, mode in runs),
             flush=True)
     median = {run: statistics.median(values) for run, values in rates.items()}
 
     lines = [f"Our U-Net: {counts['ours']:,} parameters; diffusers UNet2DModel (matched layout): "
              f"{counts['diffusers']:,} parameters. Batch {batch_size}, {args.rounds} rounds of "
              f"{args.steps} steps, interleaved.", "",
-             "| precision | ours images/s | diffusers images/s | ours / diffusers |",
-             "|---|---|---|---|"]
-    for precision in PRECISIONS:
-        ours, theirs = median[("ours", precision)], median[("diffusers", precision)]
-        lines.append(f"| {precision} | {ours:.1f} | {theirs:.1f} | {ours / theirs:.2f} |")
-    first, second = PRECISIONS
-    lines += ["", "bf16 / fp32 throughput: " + ", ".join(
-        f"{name} {median[(name, second)] / median[(name, first)]:.2f}" for name in trainees)]
+             "| images/s | " + " | ".join(f"{name} images/s" for name in trainees)
+             + " | ours NHWC / diffusers NCHW | ours NHWC / diffusers best |",
+             "|---|" + "---|" * (len(trainees) + 2)]
+    for mode in args.modes:
+        ours = median[("ours NHWC", mode)]
+        default = median[("diffusers NCHW", mode)]
+        best = max(median[(name, mode)] for name in trainees if name.startswith("diffusers"))
+        lines.append(f"| {MODES[mode][0]} | " + " | ".join(f"{median[(name, mode)]:.1f}" for name in trainees)
+                     + f" | {ours / default:.2f} | {ours / best:.2f} |")
+    if {"train-fp32", "train-bf16"} <= set(args.modes):
+        lines += ["", "training bf16 / fp32 throughput: " + ", ".join(
+            f"{name} {median[(name, 'train-bf16')] / median[(name, 'train-fp32')]:.2f}" for name in trainees)]
     table = "\n".join(lines)
     print(table)
     if not args.no_append:

@@ -43,6 +43,7 @@ def get_default_config() -> ml_collections.ConfigDict:
     model.embedding_type = "positional"  # positional (sinusoidal) | fourier (Gaussian Fourier)
     model.fourier_scale = 16.0
     model.skip_rescale = True
+    model.channels_last = True    # unet: NHWC conv layout (same numbers; faster convolutions)
     model.num_layers = 3          # mlp only: hidden layers
     model.ema_rate = 0.999
 

@@ -153,6 +153,27 @@ def test_scalar_t_broadcasts_over_the_batch():
     torch.testing.assert_close(model(x, torch.full((3,), 0.25, dtype=torch.float64)), expected)
 
 
+def test_channels_last_layout_changes_memory_not_numbers():
+    """The NHWC default and the NCHW layout compute the same eps and gradients, the weights
+    round-trip between them, and the output comes back in the input's (contiguous) layout."""
+    torch.manual_seed(0)
+    nhwc = small_unet(dropout=0.0, in_channels=3)
+    perturb_zero_parameters_(nhwc)
+    nchw = small_unet(dropout=0.0, in_channels=3, channels_last=False)
+    nchw.load_state_dict(nhwc.state_dict())
+    assert nhwc.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
+    assert not nchw.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
+    x, t = torch.randn(4, 3, 28, 28), torch.rand(4)
+    outputs = [model(x, t) for model in (nhwc, nchw)]
+    assert outputs[0].is_contiguous()
+    torch.testing.assert_close(outputs[0], outputs[1], rtol=1e-5, atol=1e-5)
+    for output in outputs:
+        output.square().sum().backward()
+    for (name, a), b in zip(nhwc.named_parameters(), nchw.parameters()):
+        # summation order differs between the layouts: compare in norm, at float32 precision
+        assert (a.grad - b.grad).norm() <= 1e-5 * b.grad.norm() + 1e-8, name
+
+
 @pytest.mark.parametrize("embedding_type", EMBEDDINGS)
 def test_bf16_autocast_matches_fp32(embedding_type):
     torch.manual_seed(0)

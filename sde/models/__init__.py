@@ -4,7 +4,7 @@
 
 * ``"unet"`` (images): ``UNet`` with ``in_channels = data.num_channels``, ``image_size =
   data.image_size`` and model.{nf, ch_mult, num_res_blocks, attn_resolutions, dropout,
-  embedding_type, fourier_scale, skip_rescale}.
+  embedding_type, fourier_scale, skip_rescale, channels_last}.
 * ``"mlp"`` (``data.dataset = "toy"``): ``ToyMLP`` on 2-D points with ``hidden = model.nf``
   and model.{num_layers, embedding_type, fourier_scale}.
 """
@@ -32,7 +32,9 @@ def _build_unet(config: ml_collections.ConfigDict) -> UNet:
                 ch_mult=tuple(model.ch_mult), num_res_blocks=model.num_res_blocks,
                 attn_resolutions=tuple(model.attn_resolutions), dropout=model.dropout,
                 embedding_type=model.embedding_type, fourier_scale=model.fourier_scale,
-                skip_rescale=model.skip_rescale)
+                skip_rescale=model.skip_rescale,
+                # run directories written before the key existed: the default layout
+                channels_last=model.get("channels_last", True))
 
 
 def _build_mlp(config: ml_collections.ConfigDict) -> ToyMLP:

@@ -31,6 +31,12 @@ output, so each block starts as (a rescaled) identity, and for the final conv, s
 untrained network predicts eps = 0. A zero layer passes no gradient to the layers before
 it, so at step 0 only the final conv learns; each later step unlocks one more layer of
 the chain (the tests check that every parameter receives gradient once the zeros move).
+
+Memory layout: the conv weights and activations are channels-last (NHWC) by default. The
+numbers are the same (the layout only reorders memory), and oneDNN's CPU convolutions and
+cuDNN's mixed-precision ones are faster on it (``bench/train_throughput.py`` times training
+and sampling-time evaluation in both layouts). ``channels_last=False`` keeps
+PyTorch's default NCHW layout.
 """
 from __future__ import annotations
 
@@ -187,13 +193,14 @@ class UNet(nn.Module):
       embedding_type: ``"positional"`` or ``"fourier"`` (see ``sde.models.embeddings``).
       fourier_scale: std of the random Fourier frequencies (``"fourier"`` only).
       skip_rescale: scale each residual sum by 1/sqrt(2) (DDPM++).
+      channels_last: keep conv weights and activations in the NHWC layout (module docstring).
     """
 
     def __init__(self, in_channels: int = 1, image_size: int = 28, nf: int = 32,
                  ch_mult: Sequence[int] = (1, 2, 2), num_res_blocks: int = 1,
                  attn_resolutions: Sequence[int] = (7,), dropout: float = 0.1,
                  embedding_type: str = "positional", fourier_scale: float = 16.0,
-                 skip_rescale: bool = True):
+                 skip_rescale: bool = True, channels_last: bool = True):
         super().__init__()
         ch_mult, attn_resolutions = tuple(ch_mult), tuple(attn_resolutions)
         resolutions = _check_arguments(in_channels, image_size, nf, ch_mult, num_res_blocks,
@@ -243,6 +250,8 @@ class UNet(nn.Module):
 
         self.norm_out = group_norm(channels)
         self.conv_out = conv3x3(channels, in_channels, zero=True)
+        self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
+        self.to(memory_format=self.memory_format)
 
     def forward(self, x: Tensor, t: Tensor | float) -> Tensor:
         """Predict eps. ``x``: [B, in_channels, image_size, image_size]; ``t``: [B] (or a
@@ -253,7 +262,7 @@ class UNet(nn.Module):
                              f"got {list(x.shape)}")
         temb_act = F.silu(self.time_embedding(batch_times(t, x.shape[0], x.device)))
 
-        h = self.conv_in(x)
+        h = self.conv_in(x.contiguous(memory_format=self.memory_format))
         skips = [h]
         for level in self.down_levels:
             for block, attention in zip(level.blocks, level.attentions):
@@ -274,7 +283,7 @@ class UNet(nn.Module):
                 h = level.resample(h)
 
         eps = self.conv_out(F.silu(self.norm_out(h)))
-        return eps.to(x.dtype)
+        return eps.to(dtype=x.dtype, memory_format=torch.contiguous_format)
 
 
 def _check_arguments(in_channels: int, image_size: int, nf: int, ch_mult: tuple[int, ...],
