@@ -14,9 +14,9 @@ Each network runs in both memory layouts: NHWC (channels-last; our default,
 ``unet.to(memory_format=torch.channels_last)``, so it gets that chance too). Each round times,
 for every network, fp32 and bf16-autocast training steps and fp32 network evaluations in
 eval mode under ``torch.inference_mode`` (the sampling workload), interleaved, so that drift
-in the machine's load hits all alike; the table gives the median images/s of each and the ratios of ours
-(default layout) to diffusers in its default layout and in its faster one (above 1: ours
-is faster), and is appended to BENCHMARKS.md. bf16 is slow on CPUs without AVX512-BF16 /
+in the machine's load hits all alike; the table gives the median images/s of each and the
+ratios of ours (default layout) to diffusers in its default layout and in its faster one
+(above 1: ours is faster), and is appended to BENCHMARKS.md. bf16 is slow on CPUs without AVX512-BF16 /
 AMX for both networks alike (``--modes train-fp32 sample-fp32`` skips it).
 """
 from __future__ import annotations
@@ -89,6 +89,7 @@ class Trainee:
 
     @torch.inference_mode()
     def timed_evaluations(self, batch: torch.Tensor, steps: int) -> float:
+        """Images per second over ``steps`` network evaluations, as a sampler makes them."""
         self.model.eval()
         t = torch.rand(batch.shape[0], generator=torch.Generator().manual_seed(0))
         start = time.perf_counter()
