@@ -14,8 +14,8 @@ perfect sampler would score at that sample count. Prints the table and the ratio
 FID(best sampler at 10 NFE) / FID(ancestral, 1000 steps) (goal <= 1.15), writes an
 FID-vs-NFE plot, and appends the table to BENCHMARKS.md.
 
-Each finished run is stored in ``--out/runs.json`` keyed by its settings, so an
-interrupted benchmark resumes where it stopped.
+Each finished run is stored in ``--out/runs.json`` keyed by its settings (the sampler's
+options with their defaults resolved), so an interrupted benchmark resumes where it stopped.
 """
 from __future__ import annotations
 
@@ -64,6 +64,14 @@ def plan_runs(names: list[str], nfes: list[int], long_steps: int) -> list[tuple[
 
 def _label(name: str, steps: int, options: dict) -> str:
     return f"{name}:{steps}" + (":" + ",".join(f"{k}={v}" for k, v in options.items()) if options else "")
+
+
+def settings(name: str, options: dict, sde) -> str:
+    """The sampler's own options with their defaults filled in, as a cache-key part: a run
+    stored before a default changed is not mistaken for one with the new default."""
+    resolved = samplers.resolve_options(name, sde, options)
+    own = {key: resolved[key] for key in samplers.SAMPLERS[name].options}
+    return json.dumps(own, sort_keys=True)
 
 
 def real_floor(config, heldout_split: str, count: int, inception, reference, seed: int) -> dict:
@@ -145,6 +153,8 @@ def main() -> None:
     def cached(key: str, compute) -> dict:
         if key not in store:
             store[key] = compute()
+            on_disk = json.loads(store_path.read_text()) if store_path.is_file() else {}
+            store.update({**on_disk, key: store[key]})  # keep runs another process stored
             store_path.write_text(json.dumps(store, indent=1, default=str))
         return store[key]
 
@@ -164,7 +174,7 @@ def main() -> None:
             return metrics
 
         metrics = cached(f"{weights_digest}|{args.num_samples}|{reference.count}|"
-                         f"{config.sampling.seed}|{label}", run)
+                         f"{config.sampling.seed}|{label}|{settings(name, options, sde)}", run)
         print(f"{label}: NFE {metrics['nfe']}, FID {metrics['fid']:.2f}, {metrics['wall_time_s']:.0f} s",
               flush=True)
         results.append(metrics)

@@ -87,6 +87,7 @@ def get_default_config() -> ml_collections.ConfigDict:
     options.snr = placeholder(float)        # pc: Langevin corrector signal-to-noise ratio
     options.n_corrector = placeholder(int)  # pc: corrector steps per predictor step
     options.corrector_norm = placeholder(str)  # pc: sample | batch (norms in the step size)
+    options.predictor = placeholder(str)    # pc: ancestral | reverse_diffusion
     options.order = placeholder(int)        # dpm_solver: 1, 2 or 3
     options.lower_order_final = placeholder(bool)  # dpm_solver: lower orders at the last steps
     sampling.save_trajectory = False

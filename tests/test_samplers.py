@@ -264,6 +264,39 @@ def test_langevin_corrector_keeps_the_marginal_up_to_its_step_bias():
     assert (x.mean(0) / (var / n).sqrt()).pow(2).mean().sqrt() < 1.2
 
 
+@pytest.mark.parametrize("sde_name", SDES)
+@pytest.mark.parametrize("end", [0.3, 1e-3])
+def test_pc_ancestral_predictor_has_the_exact_conditional_mean_at_any_step(sde_name, end):
+    """One predictor step from T to ``end`` (no corrector) on Gaussian data with the exact
+    score, from one fixed x_T: E[x_s | x_t] = m_s + a_ts v_s / v_t (x_t - m_t) with
+    v = alpha^2 std^2 + sigma^2, whatever the step; the noise has variance
+    G_ts^2 sigma_s^2 / sigma_t^2. Eq. 47's reverse-diffusion predictor misses that mean by
+    tens of standard errors on VP and sub-VP over such a step (its (2 - a_ts) x_t stands
+    for x_t / a_ts); on VE, where a_ts = 1, the two share their mean."""
+    sde = SDES[sde_name]()
+    mean, std = torch.tensor([0.5, -0.3], dtype=torch.float64), torch.tensor([0.5, 0.2], dtype=torch.float64)
+    n = 20000
+    x_T = torch.tensor([[0.8, -1.1]], dtype=torch.float64).expand(n, 2).contiguous()
+    times = torch.tensor([sde.T, end], dtype=torch.float64)
+    (alpha_t, alpha_s), (sigma_t, sigma_s) = sde.alpha(times).tolist(), sde.sigma(times).tolist()
+    a_ts = alpha_t / alpha_s
+    v_t, v_s = alpha_t ** 2 * std ** 2 + sigma_t ** 2, alpha_s ** 2 * std ** 2 + sigma_s ** 2
+    exact_mean = alpha_s * mean + a_ts * v_s / v_t * (x_T[0] - alpha_t * mean)
+    noise_var = (sigma_t ** 2 - a_ts ** 2 * sigma_s ** 2) * sigma_s ** 2 / sigma_t ** 2
+    standard_error = math.sqrt(noise_var / n)
+    runs = {predictor: samplers.sample("pc", gaussian(sde), sde, x_T.shape, steps=2, eps=end,
+                                       x_T=x_T, n_corrector=0, predictor=predictor,
+                                       denoise=False, disable=True,
+                                       generator=torch.Generator().manual_seed(0))[0]
+            for predictor in ("ancestral", "reverse_diffusion")}
+    x = runs["ancestral"]
+    assert torch.all((x.mean(0) - exact_mean).abs() < 5 * standard_error), (x.mean(0), exact_mean)
+    assert torch.allclose(x.var(0), torch.full((2,), noise_var, dtype=torch.float64), rtol=0.05)
+    other = runs["reverse_diffusion"]  # its noise has variance G_ts^2
+    miss = ((other.mean(0) - exact_mean).abs() / (other.var(0) / n).sqrt()).max()
+    assert miss > 20 if sde_name != "ve" else miss < 5
+
+
 def test_langevin_signal_ratio_is_ddpm_alpha_on_vp_and_one_on_ve():
     """exp(-int beta) over one of the N steps vs the table's 1 - beta_i: equal up to the
     discretization of beta (2e-4 at t = 1, where beta_i = 0.02)."""
@@ -377,6 +410,7 @@ BAD_CALLS = [
     ("pc", {"n_corrector": -1}, VPSDE, "n_corrector must be a non-negative integer"),
     ("pc", {"snr": 0.0}, VPSDE, "snr must be positive"),
     ("pc", {"corrector_norm": "max"}, VPSDE, "unknown corrector_norm 'max'"),
+    ("pc", {"predictor": "euler"}, VPSDE, "unknown predictor 'euler'; accepted: ancestral"),
     ("ddim", {"eps": 0.0}, VPSDE, r"eps must lie in \(0, T=1\)"),
     ("ddim", {"generator": [torch.Generator()]}, VPSDE, "got 1 generators for a batch of 2"),
     ("ddim", {"x_T": torch.zeros(3, 2)}, VPSDE, r"x_T has shape \(3, 2\), expected \(2, 2\)"),
@@ -453,6 +487,7 @@ DISTRIBUTION_CASES = {
     "ode": ({}, 2),                                 # dopri5: steps only set the reports
     "euler_maruyama": ({}, 300),
     "pc": ({"corrector_norm": "batch"}, 300),       # 2-D: per-sample norms are unstable
+    "pc reverse_diffusion": ({"corrector_norm": "batch", "predictor": "reverse_diffusion"}, 300),
     "dpm_solver": ({}, 50),
     "heun": ({}, 50),
 }

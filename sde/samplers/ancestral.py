@@ -39,19 +39,28 @@ def check_options(options: dict, sde, given: set) -> None:
                          "(supported: VPSDE); use variance='beta_tilde'")
 
 
+def ancestral_step(x: Tensor, eps: Tensor, level_t: tuple[float, float, float],
+                   level_s: tuple[float, float, float], noise: NoiseSource,
+                   variance: str = "beta_tilde") -> Tensor:
+    """One step of Algorithm 2 from level t to level s < t, each given as (time, alpha, sigma)."""
+    _, alpha_t, sigma_t = level_t
+    _, alpha_s, sigma_s = level_s
+    a_ts = alpha_t / alpha_s
+    beta_ts = sigma_t ** 2 - a_ts ** 2 * sigma_s ** 2
+    x = (x - beta_ts / sigma_t * eps) / a_ts
+    if sigma_s > 0:
+        var_ts = beta_ts if variance == "beta" else beta_ts * sigma_s ** 2 / sigma_t ** 2
+        x = x + var_ts ** 0.5 * noise.randn(x.shape)
+    return x
+
+
 def ancestral(model: Denoiser, x: Tensor, grid: NoiseGrid, *, sde, noise: NoiseSource,
               callback: Callback | None = None, disable: bool = False,
               variance: str = "beta_tilde") -> Tensor:
     """DDPM ancestral sampling, Ho et al. 2020 Algorithm 2 (respacing: Nichol & Dhariwal sec. 4)."""
     for i in tqdm(range(len(grid) - 1), disable=disable, desc="ancestral"):
-        t, alpha_t, sigma_t = grid.level(i)
-        s, alpha_s, sigma_s = grid.level(i + 1)
-        x0, eps = model(x, t, alpha_t, sigma_t)
-        a_ts = alpha_t / alpha_s
-        beta_ts = sigma_t ** 2 - a_ts ** 2 * sigma_s ** 2
-        x = (x - beta_ts / sigma_t * eps) / a_ts
-        if sigma_s > 0:
-            var_ts = beta_ts if variance == "beta" else beta_ts * sigma_s ** 2 / sigma_t ** 2
-            x = x + var_ts ** 0.5 * noise.randn(x.shape)
-        report(callback, i, s, x, x0)
+        level_t, level_s = grid.level(i), grid.level(i + 1)
+        x0, eps = model(x, *level_t)
+        x = ancestral_step(x, eps, level_t, level_s, noise, variance)
+        report(callback, i, level_s[0], x, x0)
     return x

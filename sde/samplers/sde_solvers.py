@@ -14,16 +14,25 @@ At every level, ``n_corrector`` Langevin corrector steps (Algorithm 4/5)
 
     x <- x + e score + sqrt(2 e) z,   e = 2 r (snr ||z|| / ||score||)^2,
 
-then the reverse-diffusion predictor (their eq. 47) to the next level s < t,
+then a predictor step to the next level s < t. In terms of the SDE's Gaussian kernel
+x_t = a_ts x_s + G_ts z, a_ts = alpha_t / alpha_s, G_ts^2 = sigma_t^2 - a_ts^2 sigma_s^2
+(Ho's beta on VP, sigma_t^2 - sigma_s^2 on VE), the ``predictor`` is
 
-    x_s = x_t - f_ts(x_t) + G_ts^2 score(x_t, t) + G_ts z,
+  "ancestral" (default): x_s = (x_t + G_ts^2 score) / a_ts + sqrt(G_ts^2 sigma_s^2 / sigma_t^2) z,
+      the step of DDPM's Algorithm 2 (Ho et al. 2020 eq. 11; score_sde's ancestral-sampling
+      predictor, with the posterior variance beta_tilde of ``ancestral``). For Gaussian data
+      and the exact score its mean is the exact E[x_s | x_t] for any step size.
+  "reverse_diffusion": x_s = x_t - f_ts(x_t) + G_ts^2 score + G_ts z with f_ts(x) = (a_ts - 1) x,
+      their eq. 47 (the reverse of the forward discretization, eq. 46). Its (2 - a_ts) x is
+      the first-order expansion of x / a_ts: right to O(h^2) per step for the ~1000 steps it
+      was written for, but at 10-50 steps it overshoots the signal (2 - a_ts = 1.33 where
+      1 / a_ts = 1.49 on the first of 25 log-SNR steps on VP) and the samples degrade; on
+      the released MNIST model pc:25 without corrector has FID 198 with it, against 82.7 for
+      euler_maruyama:25 (BENCHMARKS.md).
 
-with the forward discretization x_t = a_ts x_s + G_ts z of the SDE's own Gaussian kernel:
-f_ts(x) = (a_ts - 1) x, a_ts = alpha_t / alpha_s, G_ts^2 = sigma_t^2 - a_ts^2 sigma_s^2
-(Ho's beta on VP, sigma_t^2 - sigma_s^2 on VE, as in their eqs. 46-47). The corrector's
-signal ratio r is the per-step alpha_i = 1 - beta_i of the reference code for VP and 1 for
-VE; generically r = (alpha(t) / alpha(t - T/N))^2, the squared signal decay over one of the
-SDE's N discrete steps.
+The corrector's signal ratio r is the per-step alpha_i = 1 - beta_i of the reference code for
+VP and 1 for VE; generically r = (alpha(t) / alpha(t - T/N))^2, the squared signal decay
+over one of the SDE's N discrete steps.
 
 ``corrector_norm`` says whose norms set the step size e. "sample" (default): each sample's
 own ||z|| and ||score||, as Algorithms 4-5 are written; image k then depends on its own
@@ -39,15 +48,20 @@ from __future__ import annotations
 import torch
 from tqdm.auto import tqdm
 
+from sde.samplers.ancestral import ancestral_step
 from sde.samplers.common import Callback, Denoiser, NoiseGrid, NoiseSource, report
 
 Tensor = torch.Tensor
 
 
 CORRECTOR_NORMS = ("sample", "batch")
+PREDICTORS = ("ancestral", "reverse_diffusion")
 
 
 def check_pc_options(options: dict, sde, given: set) -> None:
+    if options["predictor"] not in PREDICTORS:
+        raise ValueError(f"unknown predictor {options['predictor']!r}; accepted: "
+                         f"{', '.join(PREDICTORS)}")
     if options["corrector_norm"] not in CORRECTOR_NORMS:
         raise ValueError(f"unknown corrector_norm {options['corrector_norm']!r}; accepted: "
                          f"{', '.join(CORRECTOR_NORMS)}")
@@ -102,22 +116,25 @@ def langevin_step(x: Tensor, score: Tensor, z: Tensor, snr: float, signal_ratio:
 
 def pc(model: Denoiser, x: Tensor, grid: NoiseGrid, *, sde, noise: NoiseSource,
        callback: Callback | None = None, disable: bool = False, snr: float = 0.16,
-       n_corrector: int = 1, corrector_norm: str = "sample") -> Tensor:
-    """Predictor-corrector sampling, Song et al. 2021 Algorithms 2-3 (reverse diffusion + Langevin)."""
+       n_corrector: int = 1, corrector_norm: str = "sample",
+       predictor: str = "ancestral") -> Tensor:
+    """Predictor-corrector sampling, Song et al. 2021 Algorithms 2-3 (Langevin corrector)."""
     for i in tqdm(range(len(grid) - 1), disable=disable, desc="pc"):
-        t, alpha_t, sigma_t = grid.level(i)
-        s, alpha_s, sigma_s = grid.level(i + 1)
+        level_t, level_s = grid.level(i), grid.level(i + 1)
+        t, alpha_t, sigma_t = level_t
         signal_ratio = langevin_signal_ratio(sde, t)
         for _ in range(n_corrector):
-            _, eps = model(x, t, alpha_t, sigma_t)
+            _, eps = model(x, *level_t)
             x = langevin_step(x, -eps / sigma_t, noise.randn(x.shape), snr, signal_ratio,
                               corrector_norm)
-        x0, eps = model(x, t, alpha_t, sigma_t)
-        if sigma_s == 0:
+        x0, eps = model(x, *level_t)
+        if level_s[2] == 0:
             x = x0
+        elif predictor == "ancestral":
+            x = ancestral_step(x, eps, level_t, level_s, noise)
         else:
-            a_ts = alpha_t / alpha_s
-            g_sq = sigma_t ** 2 - a_ts ** 2 * sigma_s ** 2
+            a_ts = alpha_t / level_s[1]
+            g_sq = sigma_t ** 2 - a_ts ** 2 * level_s[2] ** 2
             x = (2.0 - a_ts) * x - g_sq * eps / sigma_t + g_sq ** 0.5 * noise.randn(x.shape)
-        report(callback, i, s, x, x0)
+        report(callback, i, level_s[0], x, x0)
     return x
