@@ -5,8 +5,8 @@
 
 The protocol of issue 6 on MNIST-10k (../shared/DESIGN.md): each fixed-step sampler at
 10, 20, 50 and 100 network evaluations per sample (``steps_for_nfe``: the most steps that
-fit), ancestral and DDIM also at ``--long-steps`` (1000) steps, the adaptive dopri5 ODE at
-its natural NFE; the same per-sample seeds everywhere; ``--num-samples`` images each,
+fit), ancestral and DDIM (``--long-samplers``) also at ``--long-steps`` (1000) steps, the
+adaptive dopri5 ODE at its natural NFE; the same per-sample seeds everywhere; ``--num-samples`` images each,
 streamed through Inception into FID/KID against the statistics of the 10k training images,
 and through the MNIST classifier (mean confidence, class histogram). Beside them, the
 *floor*: the same metrics for ``--num-samples`` real held-out images (train5k), i.e. what a
@@ -40,9 +40,12 @@ from sde.workdir import Workdir  # noqa: E402
 
 #: Samplers with a fixed evaluation budget, and the adaptive one run at its own NFE.
 ADAPTIVE = "ode"
+#: Samplers also run at ``--long-steps`` (the protocol's 1000-step references).
+LONG_SAMPLERS = ("ancestral", "ddim")
 
 
-def plan_runs(names: list[str], nfes: list[int], long_steps: int) -> list[tuple[str, int, dict]]:
+def plan_runs(names: list[str], nfes: list[int], long_steps: int,
+              long_samplers: tuple[str, ...] = LONG_SAMPLERS) -> list[tuple[str, int, dict]]:
     """(sampler, steps, options) for every run of the protocol, cheapest rung first: every
     sampler at the smallest NFE, then every sampler at the next, ..., then the adaptive ODE and
     the long runs. An interrupted benchmark thus leaves whole rungs of the ladder behind."""
@@ -58,7 +61,7 @@ def plan_runs(names: list[str], nfes: list[int], long_steps: int) -> list[tuple[
     if ADAPTIVE in names:
         runs.append((ADAPTIVE, 2, {}))  # dopri5: steps only bound the interval, NFE is adaptive
     if long_steps:
-        runs += [(name, long_steps, {}) for name in ("ancestral", "ddim") if name in names]
+        runs += [(name, long_steps, {}) for name in long_samplers if name in names]
     return runs
 
 
@@ -114,7 +117,9 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=100)
     parser.add_argument("--nfe", type=int, nargs="+", default=[10, 20, 50, 100])
     parser.add_argument("--long-steps", type=int, default=1000,
-                        help="steps of the long ancestral and DDIM runs (0: skip them)")
+                        help="steps of the long runs (0: skip them)")
+    parser.add_argument("--long-samplers", nargs="+", default=list(LONG_SAMPLERS),
+                        help="samplers run at --long-steps (default: ancestral ddim)")
     parser.add_argument("--samplers", nargs="+", default=None, help="default: every registered sampler")
     parser.add_argument("--reference-num-images", type=int, default=0,
                         help="training images in the FID reference (0: all 10k, the protocol)")
@@ -122,7 +127,7 @@ def main() -> None:
     parser.add_argument("--no-append", action="store_true", help="do not append to BENCHMARKS.md")
     args = parser.parse_args()
     names = args.samplers or samplers.available()
-    unknown = sorted(set(names) - set(samplers.available()))
+    unknown = sorted((set(names) | set(args.long_samplers)) - set(samplers.available()))
     if unknown:
         parser.error(f"unknown sampler(s) {unknown}; accepted: {', '.join(samplers.available())}")
     if args.num_samples < 2:
@@ -162,7 +167,7 @@ def main() -> None:
                    lambda: real_floor(config, config.eval.heldout_split, args.num_samples,
                                       inception, reference, config.sampling.seed))
     results = []
-    for name, steps, options in plan_runs(names, args.nfe, args.long_steps):
+    for name, steps, options in plan_runs(names, args.nfe, args.long_steps, tuple(args.long_samplers)):
         label = _label(name, steps, options)
 
         def run(name=name, steps=steps, options=options, label=label) -> dict:
