@@ -96,6 +96,10 @@ def _plot(rows: list[dict[str, Any]], path: Path) -> None:
         points = sorted((row["nfe"], row["fid"]) for row in rows if row["sampler"] == sampler)
         axis.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=sampler)
     axis.set_xscale("log")
+    axis.set_yscale("log")  # FIDs span 10 to several hundred
+    plain = matplotlib.ticker.FuncFormatter(lambda value, _: f"{value:g}")
+    axis.yaxis.set_major_formatter(plain)
+    axis.yaxis.set_minor_formatter(plain)
     axis.set_xlabel("network evaluations per sample (NFE)")
     axis.set_ylabel("FID")
     axis.grid(True, which="both", alpha=0.3)
