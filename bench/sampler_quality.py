@@ -6,11 +6,11 @@
 The protocol of issue 6 on MNIST-10k (../shared/DESIGN.md): each fixed-step sampler at
 10, 20, 50 and 100 network evaluations per sample (``steps_for_nfe``: the most steps that
 fit), ancestral and DDIM (``--long-samplers``) also at ``--long-steps`` (1000) steps, the
-adaptive dopri5 ODE at its natural NFE; the same per-sample seeds everywhere; ``--num-samples`` images each,
-streamed through Inception into FID/KID against the statistics of the 10k training images,
-and through the MNIST classifier (mean confidence, class histogram). Beside them, the
-*floor*: the same metrics for ``--num-samples`` real held-out images (train5k), i.e. what a
-perfect sampler would score at that sample count. Prints the table and the ratio
+adaptive dopri5 ODE at its natural NFE; the same per-sample seeds everywhere;
+``--num-samples`` images each, streamed through Inception into FID/KID against the
+statistics of the 10k training images, and through the MNIST classifier (mean confidence,
+class histogram). Beside them, the *floor*: the same metrics for ``--num-samples`` real
+held-out images (train5k), i.e. what a perfect sampler would score at that sample count. Prints the table and the ratio
 FID(best sampler at 10 NFE) / FID(ancestral, 1000 steps) (goal <= 1.15), writes an
 FID-vs-NFE plot, and appends the table to BENCHMARKS.md.
 

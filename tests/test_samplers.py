@@ -294,7 +294,7 @@ def test_pc_ancestral_predictor_has_the_exact_conditional_mean_at_any_step(sde_n
     assert torch.allclose(x.var(0), torch.full((2,), noise_var, dtype=torch.float64), rtol=0.05)
     other = runs["reverse_diffusion"]  # its noise has variance G_ts^2
     miss = ((other.mean(0) - exact_mean).abs() / (other.var(0) / n).sqrt()).max()
-    assert miss > 20 if sde_name != "ve" else miss < 5
+    assert miss > 20 if sde_name != "ve" else miss < 5  # measured: 114-128 on VP/sub-VP, 1.6 on VE
 
 
 def test_langevin_signal_ratio_is_ddpm_alpha_on_vp_and_one_on_ve():

@@ -122,19 +122,20 @@ def pc(model: Denoiser, x: Tensor, grid: NoiseGrid, *, sde, noise: NoiseSource,
     for i in tqdm(range(len(grid) - 1), disable=disable, desc="pc"):
         level_t, level_s = grid.level(i), grid.level(i + 1)
         t, alpha_t, sigma_t = level_t
+        s, alpha_s, sigma_s = level_s
         signal_ratio = langevin_signal_ratio(sde, t)
         for _ in range(n_corrector):
             _, eps = model(x, *level_t)
             x = langevin_step(x, -eps / sigma_t, noise.randn(x.shape), snr, signal_ratio,
                               corrector_norm)
         x0, eps = model(x, *level_t)
-        if level_s[2] == 0:
+        if sigma_s == 0:
             x = x0
         elif predictor == "ancestral":
             x = ancestral_step(x, eps, level_t, level_s, noise)
-        else:
-            a_ts = alpha_t / level_s[1]
-            g_sq = sigma_t ** 2 - a_ts ** 2 * level_s[2] ** 2
+        else:  # eq. 47: x - f_ts(x) + G^2 score + G z, with f_ts(x) = (a_ts - 1) x
+            a_ts = alpha_t / alpha_s
+            g_sq = sigma_t ** 2 - a_ts ** 2 * sigma_s ** 2
             x = (2.0 - a_ts) * x - g_sq * eps / sigma_t + g_sq ** 0.5 * noise.randn(x.shape)
-        report(callback, i, level_s[0], x, x0)
+        report(callback, i, s, x, x0)
     return x
