@@ -17,6 +17,7 @@ mean) over NFE, SDE and data set; the lowest average wins.
 
     python bench/sampler_schedules.py            # the table in schedules.py: ~1 h on 2 busy cores
     python bench/sampler_schedules.py --samples 4000 --quick   # VP and VE, a few minutes
+    python bench/sampler_schedules.py --samplers dpm_solver_sde  # one sampler's rows
 """
 from __future__ import annotations
 
@@ -49,6 +50,7 @@ CONFIGS = [
     ("dpm_solver 2", "dpm_solver", {"order": 2}),
     ("dpm_solver 3", "dpm_solver", {"order": 3}),
     ("dpm_solver 3, lower_order_final=False", "dpm_solver", {"order": 3, "lower_order_final": False}),
+    ("dpm_solver_sde 2", "dpm_solver_sde", {"order": 2}),
     ("heun", "heun", {}),
 ]
 NFES = (10, 20)
@@ -73,14 +75,14 @@ def sliced_w2(x: torch.Tensor, y: torch.Tensor, directions: torch.Tensor) -> flo
     return float(((px - py) ** 2).mean().sqrt())
 
 
-def run(n: int, quick: bool) -> None:
+def run(n: int, quick: bool, configs: list) -> None:
     torch.set_num_threads(1)
     sdes = {"VP": VPSDE(), "subVP": SubVPSDE(), "VE": VESDE()}
     datasets = {"ring": ring, "cube": cube}
     if quick:
         sdes = {"VP": sdes["VP"], "VE": sdes["VE"]}
     # log relative distance per (config, schedule), summed over settings
-    log_ratio = {label: {s: 0.0 for s in SCHEDULES} for label, _, _ in CONFIGS}
+    log_ratio = {label: {s: 0.0 for s in SCHEDULES} for label, _, _ in configs}
     settings = 0
     rows = []
     start = time.time()
@@ -96,7 +98,7 @@ def run(n: int, quick: bool) -> None:
             x_T = sde.prior_sampling((n, dim), generator=torch.Generator().manual_seed(4))
             for nfe in NFES:
                 settings += 1
-                for label, name, options in CONFIGS:
+                for label, name, options in configs:
                     steps = samplers.steps_for_nfe(name, nfe, **options)
                     distance = {}
                     for schedule in SCHEDULES:
@@ -124,7 +126,7 @@ def run(n: int, quick: bool) -> None:
           f"({settings} settings)\n")
     print("| sampler | " + " | ".join(SCHEDULES) + " | best |")
     print("|---|" + "---|" * (len(SCHEDULES) + 1))
-    for label, _, _ in CONFIGS:
+    for label, _, _ in configs:
         mean = {s: math.exp(v / settings) for s, v in log_ratio[label].items()}
         best = min(mean, key=mean.get)
         print(f"| {label} | " + " | ".join(f"{mean[s]:.2f}" for s in SCHEDULES) + f" | {best} |")
@@ -134,8 +136,15 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--samples", type=int, default=20000, help="samples per run")
     parser.add_argument("--quick", action="store_true", help="VP and VE only")
+    parser.add_argument("--samplers", nargs="+", default=None,
+                        help="only these samplers' rows (default: all)")
     args = parser.parse_args()
-    run(args.samples, args.quick)
+    names = sorted({name for _, name, _ in CONFIGS})
+    unknown = sorted(set(args.samplers or []) - set(names))
+    if unknown:
+        parser.error(f"unknown sampler(s) {unknown}; accepted: {', '.join(names)}")
+    configs = [c for c in CONFIGS if args.samplers is None or c[1] in args.samplers]
+    run(args.samples, args.quick, configs)
 
 
 if __name__ == "__main__":

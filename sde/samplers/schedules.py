@@ -147,5 +147,6 @@ SCHEDULE_DEFAULTS = {
     "euler_maruyama": "log_snr",
     "pc": "log_snr",
     "dpm_solver": "log_snr",
+    "dpm_solver_sde": "log_snr",
     "heun": "quadratic",
 }
