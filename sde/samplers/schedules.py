@@ -39,6 +39,7 @@ settings of the distance relative to the best schedule of each setting (1.00 = a
     pc                           2.58     1.53      1.29     2.05    log_snr
     dpm_solver (order 2)         2.44     1.12      1.12     1.52    log_snr
     dpm_solver (order 3)         2.27     1.17      1.03     1.77    log_snr
+    dpm_solver_sde (order 2)     3.17     1.18      1.11     1.82    log_snr
     heun                         1.72     1.36      1.99     2.81    quadratic
 
 Uniform-in-t is never the best: it spends most steps at high noise. Karras' rho = 7,
