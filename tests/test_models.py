@@ -9,7 +9,7 @@ from configs.default import get_default_config
 from sde.models import MODELS, ToyMLP, UNet, count_parameters, create_model
 from sde.models.embeddings import (DDPM_NUM_STEPS, SINUSOIDAL_MAX_PERIOD, GaussianFourierEmbedding,
                                    SinusoidalEmbedding, TimeEmbedding)
-from sde.models.unet import AttentionBlock, ResBlock, norm_groups
+from sde.models.unet import AttentionBlock, ResBlock, group_norm, norm_groups
 
 EMBEDDINGS = ("positional", "fourier")
 
@@ -186,6 +186,23 @@ def test_bf16_autocast_matches_fp32(embedding_type):
     assert low_precision.dtype == x.dtype
     relative_error = (low_precision - reference).norm() / reference.norm()
     assert relative_error < 0.05  # bf16 has an 8-bit mantissa (~0.4% per rounding)
+
+
+def test_group_norm_takes_float32_statistics_and_keeps_the_input_dtype():
+    norm = group_norm(64)
+    torch.nn.init.normal_(norm.weight)
+    torch.nn.init.normal_(norm.bias)
+    x = (3.0 + torch.randn(2, 64, 8, 8)).to(memory_format=torch.channels_last)
+    reference = torch.nn.functional.group_norm(x, norm.num_groups, norm.weight, norm.bias, norm.eps)
+    low = x.bfloat16()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        outputs = [norm(low), norm(x)]
+    assert outputs[0].dtype == torch.bfloat16 and outputs[1].dtype == torch.float32
+    torch.testing.assert_close(outputs[1], reference, rtol=1e-6, atol=1e-6)
+    # bf16 in: the float32 normalization of the bf16 values, rounded once at the end
+    of_rounded = torch.nn.functional.group_norm(low.float(), norm.num_groups, norm.weight,
+                                                norm.bias, norm.eps)
+    assert torch.equal(outputs[0], of_rounded.bfloat16())
 
 
 def test_eval_mode_is_deterministic_and_train_mode_uses_dropout():

@@ -74,8 +74,23 @@ def norm_groups(channels: int) -> int:
     return max(g for g in range(1, most + 1) if channels % g == 0)
 
 
+class GroupNorm32(nn.GroupNorm):
+    """GroupNorm computed in float32 whatever the input dtype, returned in the input's dtype.
+
+    The statistics of a bf16/fp16 activation are better taken in float32 (guided-diffusion's
+    ``GroupNorm32`` does the same for fp16), and on CPU it is also far faster: PyTorch's
+    channels-last GroupNorm kernel runs bf16 about 8x slower than float32 (forward and
+    backward of [32, 64, 28, 28], one thread: 192 ms against 23 ms), which made bf16
+    autocast training of this U-Net slower than float32.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        with torch.autocast(x.device.type, enabled=False):
+            return super().forward(x.float()).to(x.dtype)
+
+
 def group_norm(channels: int) -> nn.GroupNorm:
-    return nn.GroupNorm(norm_groups(channels), channels)
+    return GroupNorm32(norm_groups(channels), channels)
 
 
 def _initialise(layer: nn.Conv2d | nn.Linear, zero: bool = False) -> nn.Conv2d | nn.Linear:
