@@ -55,7 +55,10 @@ h0 = r0 h, gives
   order 2   ... + alpha_t (1 - c / (2h)) (D0 - D1) / r0                  ("2M SDE")
 
 (the exact integral of the linear interpolation, k-diffusion's ``solver_type="heun"``).
-The update to the data (h = +inf) is first order, x_t = D0.
+The update to the data (h = +inf) is first order, x_t = D0. Measured weak order on Gaussian
+data: 0.91 (order 1) and 2.34 (order 2) (tests/test_samplers.py). On the released MNIST
+model it trails ``ancestral`` (FID 17.9 / 16.0 / 15.0 at 10 / 20 / 50 NFE against 17.2 /
+13.4 / 13.6, BENCHMARKS.md).
 """
 from __future__ import annotations
 
