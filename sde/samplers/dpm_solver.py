@@ -76,14 +76,13 @@ ORDERS = (1, 2, 3)
 SDE_ORDERS = (1, 2)
 
 
-def check_options(options: dict, sde, given: set) -> None:
-    if options["order"] not in ORDERS:
-        raise ValueError(f"order must be one of {ORDERS}, got {options['order']!r}")
+def check_options(options: dict, sde, given: set, orders: tuple[int, ...] = ORDERS) -> None:
+    if options["order"] not in orders:
+        raise ValueError(f"order must be one of {orders}, got {options['order']!r}")
 
 
 def check_sde_options(options: dict, sde, given: set) -> None:
-    if options["order"] not in SDE_ORDERS:
-        raise ValueError(f"order must be one of {SDE_ORDERS}, got {options['order']!r}")
+    check_options(options, sde, given, SDE_ORDERS)
 
 
 def dpm_solver(model: Denoiser, x: Tensor, grid: NoiseGrid, *, sde, noise: NoiseSource,

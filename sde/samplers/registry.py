@@ -14,12 +14,11 @@ to the Tweedie step x0_hat = (x - sigma eps) / alpha at eps; ode, euler_maruyama
 that Tweedie step. With ``denoise=False`` the sampler stops at eps, and returns x_eps,
 which still carries noise of scale sigma(eps), one evaluation fewer. Network evaluations:
 
-    ancestral, ddim, dpm_solver, dpm_solver_sde,  steps - 1 + denoise
-    euler_maruyama                                steps - 1 + denoise
-    heun                                          2 (steps - 1) + denoise
-    pc                                            (steps - 1 + denoise) (1 + n_corrector)
-    ode (euler / midpoint / rk4)                  (1 / 2 / 4) (steps - 1) + denoise
-    ode (dopri5)                                  adaptive (counted) + denoise
+    ancestral, ddim, dpm_solver(_sde), euler_maruyama   steps - 1 + denoise
+    heun                                                2 (steps - 1) + denoise
+    pc                                                  (steps - 1 + denoise) (1 + n_corrector)
+    ode (euler / midpoint / rk4)                        (1 / 2 / 4) (steps - 1) + denoise
+    ode (dopri5)                                        adaptive (counted) + denoise
 """
 from __future__ import annotations
 
