@@ -51,6 +51,9 @@ CONFIGS = [
     ("dpm_solver 3", "dpm_solver", {"order": 3}),
     ("dpm_solver 3, lower_order_final=False", "dpm_solver", {"order": 3, "lower_order_final": False}),
     ("dpm_solver_sde 2", "dpm_solver_sde", {"order": 2}),
+    ("unipc 2", "unipc", {"order": 2}),
+    ("unipc 3", "unipc", {"order": 3}),
+    ("unipc 2 bh1", "unipc", {"order": 2, "variant": "bh1"}),
     ("heun", "heun", {}),
 ]
 NFES = (10, 20)

@@ -77,7 +77,7 @@ def get_default_config() -> ml_collections.ConfigDict:
     options.denoise = placeholder(bool)     # final Tweedie step (one more NFE)
     options.clip_x0 = placeholder(bool)     # clip the x0 prediction to [-1, 1]
     options.schedule = placeholder(str)     # uniform | quadratic | log_snr | karras
-    options.discrete = placeholder(bool)    # ddim, dpm_solver(_sde), heun: grid on the N DDPM steps
+    options.discrete = placeholder(bool)    # ddim, dpm_solver(_sde), unipc, heun: the N DDPM steps
     options.eta = placeholder(float)        # ddim
     options.spacing = placeholder(str)      # ddim: uniform | quadratic (the DDIM paper's schedule name)
     options.variance = placeholder(str)     # ancestral: beta | beta_tilde
@@ -88,8 +88,9 @@ def get_default_config() -> ml_collections.ConfigDict:
     options.n_corrector = placeholder(int)  # pc: corrector steps per predictor step
     options.corrector_norm = placeholder(str)  # pc: sample | batch (norms in the step size)
     options.predictor = placeholder(str)    # pc: ancestral | reverse_diffusion
-    options.order = placeholder(int)        # dpm_solver: 1, 2 or 3; dpm_solver_sde: 1 or 2
-    options.lower_order_final = placeholder(bool)  # dpm_solver: lower orders at the last steps
+    options.order = placeholder(int)        # dpm_solver, unipc: 1, 2 or 3; dpm_solver_sde: 1 or 2
+    options.lower_order_final = placeholder(bool)  # dpm_solver, unipc: lower order at the end
+    options.variant = placeholder(str)      # unipc: bh1 | bh2 (B(h) = h or 1 - e^-h)
     sampling.save_trajectory = False
 
     config.eval = evaluation = ml_collections.ConfigDict()

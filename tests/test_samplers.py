@@ -2,9 +2,9 @@
 
 Fast tests: the API, NFE counts, grids, Ho et al.'s chain, sampler identities (DDIM eta=1
 = ancestral, DPM-Solver order 1 = DDIM, its SDE variant of order 1 = DDIM eta=1),
-per-sample generators, errors, the closed-form probability-flow map. Slow tests
-(``-m slow``): convergence orders and the sample distributions of every sampler on VP,
-sub-VP and VE.
+per-sample generators, errors, the closed-form probability-flow map, UniPC against
+diffusers' numbers. Slow tests (``-m slow``): convergence orders and the sample
+distributions of every sampler on VP, sub-VP and VE.
 """
 from __future__ import annotations
 
@@ -22,7 +22,7 @@ from sde.samplers.sde_solvers import langevin_signal_ratio, langevin_step
 from sde.sdes import SubVPSDE, VESDE, VPSDE
 
 SAMPLER_NAMES = ["ancestral", "ddim", "ode", "euler_maruyama", "pc", "dpm_solver",
-                 "dpm_solver_sde", "heun"]
+                 "dpm_solver_sde", "unipc", "heun"]
 SDES = {"vp": VPSDE, "subvp": SubVPSDE, "ve": VESDE}
 
 
@@ -71,7 +71,8 @@ def expected_nfe(name: str, options: dict, steps: int, denoise: bool) -> int:
 NFE_CASES = [("ancestral", {}), ("ddim", {}), ("ddim", {"eta": 1.0}), ("euler_maruyama", {}),
              ("pc", {}), ("pc", {"n_corrector": 2}), ("pc", {"n_corrector": 0}),
              ("dpm_solver", {}), ("dpm_solver", {"order": 2}), ("dpm_solver_sde", {}),
-             ("dpm_solver_sde", {"order": 1}), ("heun", {}),
+             ("dpm_solver_sde", {"order": 1}), ("unipc", {}),
+             ("unipc", {"order": 3, "variant": "bh1"}), ("heun", {}),
              ("ode", {"method": "euler"}), ("ode", {"method": "midpoint"}),
              ("ode", {"method": "rk4"})]
 
@@ -149,8 +150,8 @@ def test_discrete_grid_is_the_whole_chain_at_N_and_a_subsequence_below():
         assert torch.all(index[1:] < index[:-1])
 
 
-@pytest.mark.parametrize("name", ["ddim", "dpm_solver", "dpm_solver_sde", "heun", "euler_maruyama",
-                                  "pc"])
+@pytest.mark.parametrize("name", ["ddim", "dpm_solver", "dpm_solver_sde", "unipc", "heun",
+                                  "euler_maruyama", "pc"])
 def test_first_evaluation_at_T_last_at_eps(name):
     sde = VPSDE()
     oracle = gaussian(sde)
@@ -217,6 +218,43 @@ def test_dpm_solver_order_one_is_ddim(sde_name, discrete, name, equal_to):
     assert torch.allclose(runs[0], runs[1], atol=1e-10, rtol=1e-10)
 
 
+# diffusers 0.42.1 UniPCMultistepScheduler (float32 inside), Ho et al.'s betas, 6 "linspace"
+# timesteps 999, 832, 666, 500, 333, 166, exact Gaussian eps, from UNIPC_X_T; "zero" ends at
+# the data, "sigma_min" at the table's first level (t = 0).
+UNIPC_X_T = [[1.0, -0.5], [-1.2, 0.3], [0.2, 2.0], [-0.7, -1.6]]
+UNIPC_DIFFUSERS = [
+    ({"order": 3, "variant": "bh2"}, "zero",
+     [[0.813237, -0.33195], [0.12192, -0.280634], [0.561849, -0.171588], [0.279037, -0.402509]]),
+    ({"order": 2, "variant": "bh1"}, "sigma_min",
+     [[0.827268, -0.336794], [0.104929, -0.277674], [0.564599, -0.152046], [0.269097, -0.418083]]),
+]
+
+
+@pytest.mark.parametrize("options,final,expected", UNIPC_DIFFUSERS)
+def test_unipc_matches_diffusers_reference_numbers(options, final, expected):
+    """The whole UniP/UniC recursion against an independent implementation, on its levels."""
+    from sde.samplers.common import Denoiser, NoiseGrid, NoiseSource
+    from sde.samplers.unipc import unipc
+    betas = torch.linspace(0.1 / 1000, 20 / 1000, 1000, dtype=torch.float64)
+    alphas_cumprod = torch.cumprod(1 - betas, 0)
+    steps = [999, 832, 666, 500, 333, 166] + ([0] if final == "sigma_min" else [])
+    alpha, sigma = alphas_cumprod[steps].sqrt(), (1 - alphas_cumprod[steps]).sqrt()
+    grid = NoiseGrid(torch.tensor(steps, dtype=torch.float64), alpha, sigma)
+    grid = grid.with_data() if final == "zero" else grid
+    levels = {float(t): (float(a), float(s)) for t, a, s in zip(grid.t, grid.alpha, grid.sigma)}
+    mean = torch.tensor([0.5, -0.3], dtype=torch.float64)
+    std = torch.tensor([0.5, 0.2], dtype=torch.float64)
+
+    def exact_eps(x, t):
+        a, s = levels[float(t[0])]
+        return s * (x - a * mean) / (a ** 2 * std ** 2 + s ** 2)
+
+    x_T = torch.tensor(UNIPC_X_T, dtype=torch.float64)
+    x = unipc(Denoiser(exact_eps, torch.float64), x_T, grid, sde=None, disable=True,
+              noise=NoiseSource(None, 4, torch.device("cpu"), torch.float64), **options)
+    assert torch.allclose(x, torch.tensor(expected, dtype=torch.float64), atol=1e-5, rtol=0)
+
+
 def exact_ode_map(sde, mean, std, x_T: torch.Tensor, eps: float) -> torch.Tensor:
     """Gaussian data: the probability-flow ODE keeps (x_t - alpha_t mu) / std_t fixed, where
     std_t^2 = alpha_t^2 s^2 + sigma_t^2; then Tweedie's x0 = mu + alpha s^2 / std^2 (x - alpha mu)."""
@@ -244,6 +282,8 @@ def test_ode_matches_the_closed_form_flow(sde_name):
     ("ddim", {}, 800, 1e-2),                     # 4.7e-3
     ("dpm_solver", {"order": 2}, 80, 3e-3),      # 1.4e-3
     ("dpm_solver", {"order": 3}, 40, 1e-3),      # 3.3e-4
+    ("unipc", {"order": 2}, 40, 4e-3),           # 1.9e-3 (DPM-Solver++ 2M: 5.8e-3)
+    ("unipc", {"order": 3}, 40, 2e-4),           # 9.4e-5
     ("heun", {}, 80, 5e-3),                      # 3.0e-3
     ("ode", {"method": "rk4"}, 40, 1e-5)])       # 2.9e-6
 def test_deterministic_samplers_follow_the_closed_form_flow(name, options, steps, tolerance):
@@ -281,7 +321,8 @@ def test_pc_ancestral_predictor_has_the_exact_conditional_mean_at_any_step(sde_n
     tens of standard errors on VP and sub-VP over such a step (its (2 - a_ts) x_t stands
     for x_t / a_ts); on VE, where a_ts = 1, the two share their mean."""
     sde = SDES[sde_name]()
-    mean, std = torch.tensor([0.5, -0.3], dtype=torch.float64), torch.tensor([0.5, 0.2], dtype=torch.float64)
+    mean = torch.tensor([0.5, -0.3], dtype=torch.float64)
+    std = torch.tensor([0.5, 0.2], dtype=torch.float64)
     n = 20000
     x_T = torch.tensor([[0.8, -1.1]], dtype=torch.float64).expand(n, 2).contiguous()
     times = torch.tensor([sde.T, end], dtype=torch.float64)
@@ -338,7 +379,7 @@ def test_sample_k_is_the_same_whatever_the_batch(name, options):
     assert not torch.equal(other, batch)
 
 
-@pytest.mark.parametrize("name", ["ddim", "ode", "dpm_solver", "heun"])
+@pytest.mark.parametrize("name", ["ddim", "ode", "dpm_solver", "unipc", "heun"])
 def test_deterministic_samplers_depend_on_x_T_only(name):
     sde = VPSDE()
     x_T = prior(sde, 4)
@@ -404,6 +445,8 @@ BAD_CALLS = [
     ("dpm_solver", {"order": 4}, VPSDE, r"order must be one of \(1, 2, 3\)"),
     ("dpm_solver", {"order": 0}, VPSDE, r"order must be one of \(1, 2, 3\)"),
     ("dpm_solver_sde", {"order": 3}, VPSDE, r"order must be one of \(1, 2\)"),
+    ("unipc", {"order": 4}, VPSDE, r"order must be one of \(1, 2, 3\)"),
+    ("unipc", {"variant": "bh3"}, VPSDE, "unknown variant 'bh3'; accepted: bh1, bh2"),
     ("heun", {"schedule": "cosine"}, VPSDE, "unknown schedule 'cosine'; accepted: uniform"),
     ("heun", {"etaa": 1.0}, VPSDE, "unknown option.*etaa.*accepted: .*clip_x0"),
     ("ode", {"eta": 0.0}, VPSDE, "unknown option.*eta.*accepted: .*method"),
@@ -451,6 +494,12 @@ ORDER_CASES = [  # (sampler, options, expected order, accepted slope range); mea
     # 2.80: the order-1 and order-2 warm-up steps leave an O(h^2) term with a small
     # constant (local slopes 2.67, 2.75, 2.89); the reference code's 3M gives 2.0 here.
     ("dpm_solver", {"order": 3, "lower_order_final": False}, 3, (2.6, 3.4)),
+    # UniPC-p is of order p + 1 (the corrector); measured 1.98, 3.02 and 3.55 (local slopes
+    # 3.07, 3.60, 3.85: the lower-order warm-up again), bh1 order 2: 3.08.
+    ("unipc", {"order": 1, "lower_order_final": False}, 2, (1.8, 2.2)),
+    ("unipc", {"order": 2, "lower_order_final": False}, 3, (2.8, 3.3)),
+    ("unipc", {"order": 2, "variant": "bh1", "lower_order_final": False}, 3, (2.8, 3.3)),
+    ("unipc", {"order": 3, "lower_order_final": False}, 4, (3.3, 4.3)),
 ]
 
 
@@ -516,6 +565,7 @@ DISTRIBUTION_CASES = {
     "pc reverse_diffusion": ({"corrector_norm": "batch", "predictor": "reverse_diffusion"}, 300),
     "dpm_solver": ({}, 50),
     "dpm_solver_sde": ({}, 100),
+    "unipc": ({}, 50),
     "heun": ({}, 50),
 }
 DISTRIBUTION_SAMPLES = 6000

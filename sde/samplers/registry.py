@@ -7,18 +7,18 @@ reports them in ``info``.
 
 Steps and NFE. ``steps`` is the number of noise levels of the grid, t_0 = T > ... >
 t_{steps-1} = eps (see ``schedules.py``). With ``denoise=True`` (the default) the sampler's
-last update goes from eps to the data, and for ancestral, ddim, dpm_solver(_sde) and heun
-that update is the sampler's own (DDPM's last step with z = 0, DDIM's alphabar_0 = 1,
-DPM-Solver's first-order step to lambda = +inf, EDM's Euler step to sigma = 0), all equal
-to the Tweedie step x0_hat = (x - sigma eps) / alpha at eps; ode, euler_maruyama and pc take
-that Tweedie step. With ``denoise=False`` the sampler stops at eps, and returns x_eps,
+last update goes from eps to the data, and for ancestral, ddim, dpm_solver(_sde), unipc and
+heun that update is the sampler's own (DDPM's last step with z = 0, DDIM's alphabar_0 = 1,
+DPM-Solver's and UniPC's first-order step to lambda = +inf, EDM's Euler step to sigma = 0),
+all equal to the Tweedie step x0_hat = (x - sigma eps) / alpha at eps; ode, euler_maruyama
+and pc take that Tweedie step. With ``denoise=False`` the sampler stops at eps, and returns x_eps,
 which still carries noise of scale sigma(eps), one evaluation fewer. Network evaluations:
 
-    ancestral, ddim, dpm_solver(_sde), euler_maruyama   steps - 1 + denoise
-    heun                                                2 (steps - 1) + denoise
-    pc                                                  (steps - 1 + denoise) (1 + n_corrector)
-    ode (euler / midpoint / rk4)                        (1 / 2 / 4) (steps - 1) + denoise
-    ode (dopri5)                                        adaptive (counted) + denoise
+    ancestral, ddim, dpm_solver(_sde), unipc, euler_maruyama   steps - 1 + denoise
+    heun                                                       2 (steps - 1) + denoise
+    pc                                                         (steps - 1 + denoise) (1 + n_corrector)
+    ode (euler / midpoint / rk4)                               (1 / 2 / 4) (steps - 1) + denoise
+    ode (dopri5)                                               adaptive (counted) + denoise
 """
 from __future__ import annotations
 
@@ -34,6 +34,7 @@ from sde.samplers import dpm_solver as dpm_solver_module
 from sde.samplers import heun as heun_module
 from sde.samplers import ode as ode_module
 from sde.samplers import sde_solvers
+from sde.samplers import unipc as unipc_module
 from sde.samplers.common import Denoiser, Generators, NoiseSource
 from sde.samplers.schedules import SCHEDULE_DEFAULTS, build_grid, check_schedule
 
@@ -103,6 +104,9 @@ SAMPLERS: dict[str, SamplerSpec] = {
     "dpm_solver_sde": SamplerSpec(dpm_solver_module.dpm_solver_sde, {"order": 2, "discrete": False},
                                   dpm_solver_module.check_sde_options, _first_order_nfe,
                                   grid="option"),
+    "unipc": SamplerSpec(unipc_module.unipc,
+                         {"order": 2, "variant": "bh2", "lower_order_final": True, "discrete": False},
+                         unipc_module.check_options, _first_order_nfe, grid="option"),
     "heun": SamplerSpec(heun_module.heun, {"discrete": False}, None,
                         lambda steps, o: 2 * (steps - 1) + int(o["denoise"]), grid="option"),
 }

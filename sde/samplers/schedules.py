@@ -32,14 +32,17 @@ settings of the distance relative to the best schedule of each setting (1.00 = a
     sampler                    uniform  quadratic  log_snr  karras   default
     ancestral                    1.33     1.13      1.14     1.23    quadratic
     ddim                         1.28     1.10      1.19     1.19    quadratic
-    ode (euler)                  2.44     1.30      1.61     1.41    \
-    ode (midpoint)               1.90     2.07      1.18     1.39     log_snr (best product
-    ode (rk4)                    3.52     2.90      1.91     2.35    /  over the three)
+    ode (euler)                  2.44     1.30      1.61     1.41    log_snr: the best
+    ode (midpoint)               1.90     2.07      1.18     1.39    log_snr  product over
+    ode (rk4)                    3.52     2.90      1.91     2.35    log_snr  the three
     euler_maruyama               3.58     1.83      1.32     1.97    log_snr
     pc                           2.58     1.53      1.29     2.05    log_snr
     dpm_solver (order 2)         2.44     1.12      1.12     1.52    log_snr
     dpm_solver (order 3)         2.27     1.17      1.03     1.77    log_snr
     dpm_solver_sde (order 2)     3.17     1.18      1.11     1.82    log_snr
+    unipc (order 2)              2.65     1.11      1.13     1.54    log_snr (tie; as dpm_solver)
+    unipc (order 3)              2.30     1.11      1.07     1.63    log_snr
+    unipc (order 2, bh1)         5.98     1.18      1.07     2.25    log_snr
     heun                         1.72     1.36      1.99     2.81    quadratic
 
 Uniform-in-t is never the best: it spends most steps at high noise. Karras' rho = 7,
@@ -149,5 +152,6 @@ SCHEDULE_DEFAULTS = {
     "pc": "log_snr",
     "dpm_solver": "log_snr",
     "dpm_solver_sde": "log_snr",
+    "unipc": "log_snr",
     "heun": "quadratic",
 }
