@@ -51,17 +51,17 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from sde.samplers import dpm_solver
 from sde.samplers.common import Callback, Denoiser, NoiseGrid, NoiseSource, report
 
 Tensor = torch.Tensor
 
-ORDERS = (1, 2, 3)
+ORDERS = dpm_solver.ORDERS
 VARIANTS = ("bh1", "bh2")
 
 
 def check_options(options: dict, sde, given: set) -> None:
-    if options["order"] not in ORDERS:
-        raise ValueError(f"order must be one of {ORDERS}, got {options['order']!r}")
+    dpm_solver.check_options(options, sde, given, ORDERS)
     if options["variant"] not in VARIANTS:
         raise ValueError(f"unknown variant {options['variant']!r}; accepted: {', '.join(VARIANTS)}")
 
