@@ -40,7 +40,7 @@ def machine_line() -> str:
 
 def append_to_benchmarks(title: str, command: str, body: str, images: Sequence[Path] = ()) -> None:
     """Append a section (heading, command, machine, table, plots) to BENCHMARKS.md."""
-    section = [f"\n## {title}\n", f"`{command}`  \n{machine_line()}\n", body.rstrip() + "\n"]
+    section = [f"\n## {title}\n", f"`{command}`  \n{machine_line()}\n\n", body.rstrip() + "\n"]
     for image in images:
         section.append(f"\n![{title}]({Path(image).resolve().relative_to(REPO)})\n")
     if not BENCHMARKS.exists():

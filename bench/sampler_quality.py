@@ -11,8 +11,9 @@ adaptive dopri5 ODE at its natural NFE; the same per-sample seeds everywhere;
 statistics of the 10k training images, and through the MNIST classifier (mean confidence,
 class histogram). Beside them, the *floor*: the same metrics for ``--num-samples`` real
 held-out images (train5k), i.e. what a perfect sampler would score at that sample count. Prints the table and the ratio
-FID(best sampler at 10 NFE) / FID(ancestral, 1000 steps) (goal <= 1.15), writes an
-FID-vs-NFE plot, and appends the table to BENCHMARKS.md.
+FID(best sampler at 10 NFE) / FID(ancestral, 1000 steps) (goal <= 1.15), writes the
+FID-vs-NFE plot of every run measured on these weights (``fid_vs_nfe_<weights digest>.png``),
+and appends the table to BENCHMARKS.md.
 
 Each finished run is stored in ``--out/runs.json`` keyed by its settings (the sampler's
 options with their defaults resolved), so an interrupted benchmark resumes where it stopped.
@@ -95,6 +96,26 @@ def real_floor(config, heldout_split: str, count: int, inception, reference, see
     return metrics
 
 
+def measured_ladder(store: dict, prefix: str, sde) -> list[dict]:
+    """Every run in ``store`` whose key starts with ``prefix`` (same weights, sample count,
+    reference and seed) and was made with the sampler's current option defaults, as plot rows:
+    the plot shows all that has been measured on these weights, not only this invocation's
+    rungs. A run with explicit options is its own series, e.g. ``pc (predictor=...)``."""
+    rows = []
+    for key, metrics in store.items():
+        if not key.startswith(prefix):
+            continue
+        label, stored_settings = key[len(prefix):].split("|", 1)
+        name, _steps, *option_text = label.split(":", 2)
+        if name not in samplers.SAMPLERS:
+            continue  # a sampler since removed
+        if not option_text and stored_settings != settings(name, {}, sde):
+            continue  # made with defaults that have changed since
+        series = f"{name} ({option_text[0]})" if option_text else name
+        rows.append({"sampler": series, "nfe": metrics["nfe"], "fid": metrics["fid"]})
+    return rows
+
+
 def row(metrics: dict) -> str:
     classifier = metrics.get("classifier", {})
     histogram = classifier.get("class_histogram", [])
@@ -166,6 +187,7 @@ def main() -> None:
     floor = cached(f"floor|{args.num_samples}|{config.eval.heldout_split}|{reference.count}",
                    lambda: real_floor(config, config.eval.heldout_split, args.num_samples,
                                       inception, reference, config.sampling.seed))
+    prefix = f"{weights_digest}|{args.num_samples}|{reference.count}|{config.sampling.seed}|"
     results = []
     for name, steps, options in plan_runs(names, args.nfe, args.long_steps, tuple(args.long_samplers)):
         label = _label(name, steps, options)
@@ -178,8 +200,7 @@ def main() -> None:
             metrics["run"] = label
             return metrics
 
-        metrics = cached(f"{weights_digest}|{args.num_samples}|{reference.count}|"
-                         f"{config.sampling.seed}|{label}|{settings(name, options, sde)}", run)
+        metrics = cached(f"{prefix}{label}|{settings(name, options, sde)}", run)
         print(f"{label}: NFE {metrics['nfe']}, FID {metrics['fid']:.2f}, {metrics['wall_time_s']:.0f} s",
               flush=True)
         results.append(metrics)
@@ -208,12 +229,12 @@ def main() -> None:
     table = "\n".join(lines) + "\n\n" + "\n".join(summary)
     print(table)
 
-    plot_rows = [{"sampler": m["sampler"], "nfe": m["nfe"], "fid": m["fid"]} for m in results]
-    _plot(plot_rows, out / "fid_vs_nfe.png")
+    plot = out / f"fid_vs_nfe_{weights_digest}.png"  # one plot per weights: older ones stay
+    _plot(measured_ladder(store, prefix, sde), plot)
     if not args.no_append:
         command = "python bench/sampler_quality.py " + " ".join(sys.argv[1:])
         append_to_benchmarks("Sampler quality on the released model", command, table,
-                             images=[out / "fid_vs_nfe.png"])
+                             images=[plot])
 
 
 if __name__ == "__main__":

@@ -218,6 +218,23 @@ def test_dpm_solver_order_one_is_ddim(sde_name, discrete, name, equal_to):
     assert torch.allclose(runs[0], runs[1], atol=1e-10, rtol=1e-10)
 
 
+
+@pytest.mark.parametrize("sde_name", SDES)
+@pytest.mark.parametrize("discrete", [False, True])
+@pytest.mark.parametrize("lower_order_final", [False, True])
+def test_unipc_predictor_alone_is_dpm_solver_2m(sde_name, discrete, lower_order_final):
+    """UniP-2 with B(h) = 1 - e^-h takes a_1 = 1/2: DPM-Solver++ 2M's update (unipc's docstring)."""
+    sde = SDES[sde_name]()
+    x_T = prior(sde, 6)
+    runs = [samplers.sample(method, mixture(sde), sde, x_T.shape, steps=12, x_T=x_T,
+                            schedule="log_snr", discrete=discrete, order=2,
+                            lower_order_final=lower_order_final, disable=True, **options)[0]
+            for method, options in [("unipc", {"corrector": False}), ("dpm_solver", {})]]
+    assert torch.allclose(runs[0], runs[1], atol=1e-10, rtol=1e-10)
+    corrected, _ = samplers.sample("unipc", mixture(sde), sde, x_T.shape, steps=12, x_T=x_T,
+                                   schedule="log_snr", discrete=discrete, disable=True)
+    assert not torch.allclose(corrected, runs[1], atol=1e-4)  # the corrector does change x
+
 # diffusers 0.42.1 UniPCMultistepScheduler (float32 inside), Ho et al.'s betas, 6 "linspace"
 # timesteps 999, 832, 666, 500, 333, 166, exact Gaussian eps, from UNIPC_X_T; "zero" ends at
 # the data, "sigma_min" at the table's first level (t = 0).
@@ -500,6 +517,8 @@ ORDER_CASES = [  # (sampler, options, expected order, accepted slope range); mea
     ("unipc", {"order": 2, "lower_order_final": False}, 3, (2.8, 3.3)),
     ("unipc", {"order": 2, "variant": "bh1", "lower_order_final": False}, 3, (2.8, 3.3)),
     ("unipc", {"order": 3, "lower_order_final": False}, 4, (3.3, 4.3)),
+    # without the corrector UniP-p is of order p (2.02: UniP-2 is DPM-Solver++ 2M)
+    ("unipc", {"order": 2, "corrector": False, "lower_order_final": False}, 2, (1.9, 2.3)),
 ]
 
 

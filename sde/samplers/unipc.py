@@ -35,13 +35,15 @@ With one difference (K = 1) UniPC takes a_1 = 1/2, the h -> 0 limit of b_1 = c_2
 (it keeps the order); then UniP-2 with bh2 is exactly DPM-Solver++ 2M. The last update to
 the data (lambda = +inf) is x0_hat itself, and the corrector is skipped where its result is
 not used again (before that update, or after the last one with ``denoise=False``), as the
-reference implementation does. ``lower_order_final`` caps the order at the updates left.
+reference implementation does. ``lower_order_final`` caps the order at the updates left;
+``corrector=False`` runs UniP-p alone.
 
 Checks (tests/test_samplers.py): convergence to dopri5's solution on a Gaussian mixture at
 order p + 1 for UniPC-p (slopes 1.98, 3.02, 3.55 for p = 1, 2, 3; local slope 3.85 at 321
 steps); on diffusers' levels with exact Gaussian eps it matches diffusers 0.42.1
 ``UniPCMultistepScheduler`` to 2e-6 (its float32) for orders 1-3, bh1 and bh2, and two of
-those runs are kept as reference numbers.
+those runs are kept as reference numbers. Without the corrector, UniP-2 bh2 gives the draws of
+``dpm_solver`` order 2 to float rounding.
 """
 from __future__ import annotations
 
@@ -99,8 +101,10 @@ def _update(x_s: Tensor, history: list[Tensor], log_snr: list[float], i: int, or
 
 def unipc(model: Denoiser, x: Tensor, grid: NoiseGrid, *, sde, noise: NoiseSource,
           callback: Callback | None = None, disable: bool = False, order: int = 2,
-          variant: str = "bh2", lower_order_final: bool = True) -> Tensor:
-    """UniPC multistep (UniP-p predictor + UniC-p corrector); see the module docstring."""
+          variant: str = "bh2", lower_order_final: bool = True, corrector: bool = True) -> Tensor:
+    """UniPC multistep (UniP-p predictor + UniC-p corrector); see the module docstring.
+    ``corrector=False`` leaves the predictor alone (UniP-p, order p): an ablation, and the
+    check that UniP-2 with bh2 is DPM-Solver++ 2M."""
     log_snr = grid.log_snr.tolist()
     history: list[Tensor] = []  # data predictions at the previous levels, newest last
     previous: tuple[Tensor, int] | None = None  # (x at the previous level, the order used)
@@ -112,7 +116,7 @@ def unipc(model: Denoiser, x: Tensor, grid: NoiseGrid, *, sde, noise: NoiseSourc
         if sigma_s == 0:
             x = x0
         else:
-            if previous is not None:  # UniC: correct x at level i with the evaluation there
+            if corrector and previous is not None:  # UniC: correct x at level i with its x0
                 x_before, step_order = previous
                 _, _, sigma_before = grid.level(i - 1)
                 x = _update(x_before, history, log_snr, i - 1, step_order, variant,
