@@ -52,7 +52,7 @@ sys.path.insert(0, str(REPO))
 
 from bench import peers  # noqa: E402
 from bench.common import append_to_benchmarks, load_config  # noqa: E402
-from bench.sampler_variants import STOCHASTIC_SAMPLERS, sampler_variants, variant_label  # noqa: E402
+from bench.sampler_variants import sampler_variants, variant_label  # noqa: E402
 from sde import data, samplers  # noqa: E402
 from sde.inference import load_ema_model, sample_generators, sample_shape  # noqa: E402
 from sde.run_eval import reference_features, sample_quality  # noqa: E402
@@ -82,7 +82,7 @@ def plan_ours(names: list[str], budgets: list[int]) -> list[dict]:
                     continue
                 runs.append({"family": "ours", "budget": budget, "name": name, "options": options,
                              "steps": steps, "label": variant_label(name, options),
-                             "stochastic": name in STOCHASTIC_SAMPLERS})
+                             "stochastic": samplers.is_stochastic(name, **options)})
     return runs
 
 
@@ -175,9 +175,9 @@ def summarize(results: list[dict], budgets: list[int]) -> list[str]:
             ratios[(budget, scope)] = ratio = best["ours"]["fid"] / best["diffusers"]["fid"]
             lines.append(f"| {budget} | {scope} | {best['ours']['label']} ({best['ours']['nfe']} NFE) | "
                          f"{best['ours']['fid']:.2f} | {best['diffusers']['label']} | "
-                         f"{best['diffusers']['fid']:.2f} | {ratio:.2f} |")
+                         f"{best['diffusers']['fid']:.2f} | {ratio:.3f} |")
     headlines = [f"FID(our best at {HEADLINE_NFE} NFE) / FID(diffusers' best at {HEADLINE_NFE} NFE), "
-                 f"{scope} samplers: {ratios[(HEADLINE_NFE, scope)]:.2f} (goal <= {GOAL_RATIO}: "
+                 f"{scope} samplers: {ratios[(HEADLINE_NFE, scope)]:.3f} (goal <= {GOAL_RATIO}: "
                  f"{'met' if ratios[(HEADLINE_NFE, scope)] <= GOAL_RATIO else 'not met'})."
                  for scope in ("all", "deterministic") if (HEADLINE_NFE, scope) in ratios]
     return lines + ([""] + headlines if headlines else [])

@@ -4,9 +4,6 @@ from __future__ import annotations
 from sde import samplers
 from sde.samplers import ode as ode_module
 
-#: Our samplers that draw fresh noise at every step (at their default options); the rest
-#: integrate the probability-flow ODE and are deterministic given x_T.
-STOCHASTIC_SAMPLERS = ("ancestral", "euler_maruyama", "pc")
 #: Option variants run besides each sampler's defaults: order 3, and Karras et al.'s noise
 #: levels (the schedule diffusers' DPM-Solver is best with on the released model).
 EXTRA_VARIANTS = {"dpm_solver": [{"order": 3}, {"schedule": "karras"}]}

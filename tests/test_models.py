@@ -188,6 +188,17 @@ def test_bf16_autocast_matches_fp32(embedding_type):
     assert relative_error < 0.05  # bf16 has an 8-bit mantissa (~0.4% per rounding)
 
 
+def test_float64_copy_runs_in_float64_and_matches_float32():
+    """The likelihood benchmark's reference is ``copy.deepcopy(model).double()``."""
+    torch.manual_seed(0)
+    model = small_unet(dropout=0.0)
+    perturb_zero_parameters_(model)
+    x, t = torch.randn(2, 1, 28, 28), torch.rand(2)
+    output = model.double()(x.double(), t.double())
+    assert output.dtype == torch.float64
+    reference = model.float()(x, t)
+    torch.testing.assert_close(output.float(), reference, rtol=1e-4, atol=1e-5)
+
 def test_group_norm_takes_float32_statistics_and_keeps_the_input_dtype():
     norm = group_norm(64)
     torch.nn.init.normal_(norm.weight)

@@ -55,6 +55,17 @@ def test_available_lists_every_sampler():
     assert sorted(samplers.available()) == sorted(SAMPLER_NAMES)
 
 
+@pytest.mark.parametrize("name,options", [(name, {}) for name in SAMPLER_NAMES]
+                         + [("ddim", {"eta": 1.0})])
+def test_is_stochastic_says_whether_the_noise_after_x_T_matters(name, options):
+    """Same x_T, different generators: the draws differ exactly for the reverse-SDE samplers."""
+    sde = VPSDE()
+    x_T = prior(sde, 4)
+    runs = [samplers.sample(name, mixture(sde), sde, x_T.shape, steps=4, x_T=x_T, disable=True,
+                            generator=torch.Generator().manual_seed(seed), **options)[0]
+            for seed in (1, 2)]
+    assert samplers.is_stochastic(name, **options) == (not torch.equal(runs[0], runs[1]))
+
 def expected_nfe(name: str, options: dict, steps: int, denoise: bool) -> int:
     """Evaluations written out per algorithm (independent of the registry's formulas)."""
     updates = steps - 1  # updates between the grid's noise levels

@@ -5,9 +5,9 @@
                               generator=[torch.Generator().manual_seed(s) for s in range(64)])
     info["nfe"]  # network evaluations, counted
 """
-from sde.samplers.registry import (SAMPLERS, available, nfe_for_steps, resolve_options, sample,
-                                   steps_for_nfe)
+from sde.samplers.registry import (SAMPLERS, available, is_stochastic, nfe_for_steps,
+                                   resolve_options, sample, steps_for_nfe)
 from sde.samplers.schedules import SCHEDULES
 
-__all__ = ["SAMPLERS", "SCHEDULES", "available", "nfe_for_steps", "resolve_options", "sample",
-           "steps_for_nfe"]
+__all__ = ["SAMPLERS", "SCHEDULES", "available", "is_stochastic", "nfe_for_steps",
+           "resolve_options", "sample", "steps_for_nfe"]

@@ -64,7 +64,8 @@ class SamplerSpec:
     validates the resolved options, ``check(options, sde, given)`` with ``given`` the names
     the caller passed (None: nothing to check). nfe(steps, options): network evaluations
     (None: adaptive). grid: "continuous", "discrete" (the SDE's N-step chain), or
-    "option" (the ``discrete`` option decides).
+    "option" (the ``discrete`` option decides). stochastic(options): whether it draws fresh
+    noise after x_T (a reverse-SDE sampler) rather than integrating the probability-flow ODE.
     """
 
     fn: Callable[..., Tensor]
@@ -72,6 +73,11 @@ class SamplerSpec:
     check: Callable[[dict, Any, set], None] | None
     nfe: Callable[[int, dict], int | None]
     grid: str = "continuous"
+    stochastic: Callable[[dict], bool] = lambda options: False
+
+
+def _always(options: dict) -> bool:
+    return True
 
 
 def _first_order_nfe(steps: int, options: dict) -> int:
@@ -87,23 +93,27 @@ def _ode_nfe(steps: int, options: dict) -> int | None:
 
 SAMPLERS: dict[str, SamplerSpec] = {
     "ancestral": SamplerSpec(ancestral_module.ancestral, {"variance": "beta_tilde"},
-                             ancestral_module.check_options, _first_order_nfe, grid="discrete"),
+                             ancestral_module.check_options, _first_order_nfe, grid="discrete",
+                             stochastic=_always),
     "ddim": SamplerSpec(ddim_module.ddim, {"eta": 0.0, "discrete": False, "spacing": None},
-                        ddim_module.check_options, _first_order_nfe, grid="option"),
+                        ddim_module.check_options, _first_order_nfe, grid="option",
+                        stochastic=lambda options: options["eta"] > 0),
     "ode": SamplerSpec(ode_module.ode, {"method": "dopri5", "rtol": ode_module.DEFAULT_TOLERANCE,
                                         "atol": ode_module.DEFAULT_TOLERANCE},
                        ode_module.check_options, _ode_nfe),
-    "euler_maruyama": SamplerSpec(sde_solvers.euler_maruyama, {}, None, _first_order_nfe),
+    "euler_maruyama": SamplerSpec(sde_solvers.euler_maruyama, {}, None, _first_order_nfe,
+                                  stochastic=_always),
     "pc": SamplerSpec(sde_solvers.pc, {"snr": 0.16, "n_corrector": 1, "corrector_norm": "sample",
                                        "predictor": "ancestral"},
                       sde_solvers.check_pc_options,
-                      lambda steps, o: (steps - 1 + int(o["denoise"])) * (1 + o["n_corrector"])),
+                      lambda steps, o: (steps - 1 + int(o["denoise"])) * (1 + o["n_corrector"]),
+                      stochastic=_always),
     "dpm_solver": SamplerSpec(dpm_solver_module.dpm_solver,
                               {"order": 2, "lower_order_final": True, "discrete": False},
                               dpm_solver_module.check_options, _first_order_nfe, grid="option"),
     "dpm_solver_sde": SamplerSpec(dpm_solver_module.dpm_solver_sde, {"order": 2, "discrete": False},
                                   dpm_solver_module.check_sde_options, _first_order_nfe,
-                                  grid="option"),
+                                  grid="option", stochastic=_always),
     "unipc": SamplerSpec(unipc_module.unipc,
                          {"order": 2, "variant": "bh2", "lower_order_final": True, "corrector": True,
                           "discrete": False},
@@ -155,6 +165,12 @@ def nfe_for_steps(name: str, steps: int, **options) -> int | None:
     """Network evaluations of ``sampler(steps)`` with these options (None if adaptive)."""
     _check_steps(steps)
     return _spec(name).nfe(steps, _defaults(name, options))
+
+
+def is_stochastic(name: str, **options) -> bool:
+    """Whether ``name`` with these options draws noise after x_T (samples a reverse SDE) rather
+    than mapping x_T deterministically (the probability-flow ODE)."""
+    return _spec(name).stochastic(_defaults(name, options))
 
 
 def steps_for_nfe(name: str, nfe: int, **options) -> int:
