@@ -199,6 +199,7 @@ def test_float64_copy_runs_in_float64_and_matches_float32():
     reference = model.float()(x, t)
     torch.testing.assert_close(output.float(), reference, rtol=1e-4, atol=1e-5)
 
+
 def test_group_norm_takes_float32_statistics_and_keeps_the_input_dtype():
     norm = group_norm(64)
     torch.nn.init.normal_(norm.weight)
