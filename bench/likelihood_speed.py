@@ -15,8 +15,8 @@ Rademacher probe per image (shared by every method, so the comparison is determi
 It prints, for (b) and (c), wall time (median of ``--rounds`` interleaved runs), NFE and
 |bits/dim - reference| (of the batch mean, and the largest per image), the wall-time ratio
 (b)/(c), and a table of error against cost for several tolerances in both integration
-variables ("t" and "log_snr"), from which sde.likelihood's defaults are chosen. Wall times drift on shared machines; the
-ratios are measured side by side in one run.
+variables ("t" and "log_snr"), from which sde.likelihood's defaults are chosen. Wall times
+drift on shared machines; the ratios are measured side by side in one run.
 """
 from __future__ import annotations
 
