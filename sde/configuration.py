@@ -65,6 +65,21 @@ def validate(config, mode: str) -> None:
                  "training.likelihood_weighting needs training.continuous=True")
         _require(training.continuous or config.sde.name == "vp",
                  f"training.continuous=False (DDPM) needs sde.name='vp', got {config.sde.name!r}")
+    if mode == "eval":
+        from sde import likelihood
+        from sde.sdes import create_sde
+
+        evaluation = config.eval
+        _positive_int(evaluation.bpd_num_images, "eval.bpd_num_images")
+        _positive_int(evaluation.bpd_repeats, "eval.bpd_repeats")
+        _require(evaluation.bpd_dequantization in likelihood.DEQUANTIZATIONS,
+                 f"unknown eval.bpd_dequantization {evaluation.bpd_dequantization!r}; "
+                 f"accepted: {', '.join(likelihood.DEQUANTIZATIONS)}")
+        if evaluation.bpd_dequantization == "truncated_normal":
+            try:
+                likelihood.truncation_time(create_sde(config), evaluation.bpd_truncation, data.dequantize)
+            except ValueError as error:
+                raise ValueError(f"eval.bpd_truncation: {error}") from error
     _require(sampling.method in samplers.available(),
              f"unknown sampling.method {sampling.method!r}; accepted: {', '.join(samplers.available())}")
     _positive_int(sampling.steps, "sampling.steps")

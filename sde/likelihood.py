@@ -48,6 +48,28 @@ the value score_sde writes as a magic ``offset = 7 - inverse_scaler(-1)``. In ex
 over v this bounds -log2 P(u) / D >= 0 from above, so it cannot go negative, while a
 continuous density evaluated on the raw pixel grid can (and does, for sharp models).
 
+**Truncated-normal dequantization** (Zheng et al. 2023, "Improved Techniques for Maximum
+Likelihood Estimation for Diffusion ODEs", training-free truncated-normal dequantization).
+Uniform points fill each pixel's bin evenly, but a network trained on the pixel grid only
+ever saw grid points plus Gaussian noise. Give pixel u the interval B_u of half-width h
+centred on the value c_u the network was trained on (plain map: c_u = 2u/255 - 1,
+h = 1/255; dequantized training: c_u = 2(u + 1/2)/256 - 1, h = 1/256); the B_u tile the
+line. At a time t0 > 0 the ODE density p_t0 of x_t0 defines the pmf
+P(u) = int_{alpha_t0 B_u} p_t0(y) dy (the scaled bins are disjoint, so sum_u P(u) <= 1),
+and for any density q(y | u) inside alpha_t0 B_u, by Jensen,
+
+    -log P(u) <= E_q[log q(y | u) - log p_t0(y)].
+
+Take q = the training noise at t0 truncated to the bin: y = alpha_t0 c_u + sigma_t0 z with
+z ~ N(0, I) truncated to [-tau, tau]^D, tau = alpha_t0 h / sigma_t0, so that
+
+    log q(y | u) = sum_d [-log(sigma_t0 sqrt(2 pi)) - log Z - z_d^2 / 2],  Z = erf(tau / sqrt 2).
+
+``truncation`` is tau; t0 solves lambda(t0) = log(alpha_t0 / sigma_t0) = log(tau / h).
+Large tau puts t0 where the network was trained least well and q nearly untruncated;
+tau -> 0 makes q uniform on the bin at a noisy t0 where p_t0 spreads over neighbouring
+bins. No Jacobian enters: y and p_t0 live in the same space.
+
 **Continuous-time ELBO** (Kingma et al. 2021, "Variational Diffusion Models": the
 continuous-time loss L_inf = 1/2 E[gamma'(t) ||z - eps_theta||^2], gamma = -log SNR; Song
 et al. 2021b, "Maximum Likelihood Training of Score-Based Diffusion Models", Thm 1 and 3;
@@ -117,6 +139,11 @@ DEFAULT_VARIABLE = "log_snr"
 DEFAULT_RTOL = 1e-4
 DEFAULT_ATOL = 1e-4
 DEFAULT_EPS = 1e-5
+DEQUANTIZATIONS = ("uniform", "truncated_normal")
+#: tau of truncated-normal dequantization, in standard deviations of the noise at t0 (module
+#: docstring); chosen on training images of the released model (``bench/dequantization.py
+#: --split test``, BENCHMARKS.md).
+DEFAULT_TRUNCATION = 1.0
 
 
 # ---- data scaling (sde.data.uint8_to_float is the one place that defines it) ---------------
@@ -307,33 +334,92 @@ def _check_images(images: Tensor) -> None:
                          f"{list(images.shape)}")
 
 
+def truncation_time(sde: SDE, truncation: float, dequantized_grid: bool = False) -> float:
+    """t0 of truncated-normal dequantization: lambda(t0) = log(tau / h) (module docstring)."""
+    if not truncation > 0:
+        raise ValueError(f"truncation (tau) must be > 0, got {truncation}")
+    half_width = (DEQUANTIZED_SLOPE if dequantized_grid else PLAIN_SLOPE) / 2
+    log_snr = torch.tensor(math.log(truncation / half_width), dtype=torch.float64)
+    lowest, highest = (sde.log_snr(torch.tensor(t, dtype=torch.float64)).item() for t in (sde.T, 0.0))
+    if not lowest < log_snr.item() < highest:
+        raise ValueError(f"truncation tau={truncation} puts t0 outside (0, T): its log-SNR "
+                         f"{log_snr.item():.3f} is not in ({lowest:.3f}, {highest:.3f}); take "
+                         f"tau in ({half_width * math.exp(lowest):.3g}, {half_width * math.exp(highest):.3g})")
+    return sde.t_from_log_snr(log_snr).item()
+
+
+def truncated_normal_dequantization(sde: SDE, images: Tensor, truncation: float, *,
+                                    dequantized_grid: bool = False,
+                                    generator: torch.Generator | None = None
+                                    ) -> tuple[Tensor, float, Tensor]:
+    """(y, t0, log q(y | u)) of truncated-normal dequantization (module docstring): y [B, ...]
+    float64 on ``images``' device, log q [B] in nats. ``dequantized_grid``: the network was
+    trained on dequantized pixels (bins centred on (u + 1/2)), else on the plain grid."""
+    t0 = truncation_time(sde, truncation, dequantized_grid)
+    t0_tensor = torch.tensor(t0, dtype=torch.float64)
+    alpha, sigma = sde.alpha(t0_tensor).item(), sde.sigma(t0_tensor).item()
+    pixels = images.double()
+    if dequantized_grid:
+        centers = (pixels + 0.5) * DEQUANTIZED_SLOPE - 1.0
+    else:
+        centers = uint8_to_float(images, dequantize=False).double()
+    # inverse-CDF draws of N(0, 1) truncated to [-tau, tau]
+    low = torch.special.ndtr(torch.tensor(-truncation, dtype=torch.float64)).item()
+    uniforms = torch.rand(images.shape, generator=generator, dtype=torch.float64,
+                          device=_generator_device(generator, images.device)).to(images.device)
+    z = torch.special.ndtri(low + (1.0 - 2.0 * low) * uniforms)
+    log_mass = math.log(math.erf(truncation / math.sqrt(2.0)))
+    log_q = (-math.log(sigma * math.sqrt(2.0 * math.pi)) - log_mass - 0.5 * z ** 2).flatten(1).sum(1)
+    return alpha * centers + sigma * z, t0, log_q
+
+
 def bits_per_dim(model: Model, sde: SDE, images: Tensor, *, repeats: int = 1,
                  generator: torch.Generator | None = None, batch_size: int = 128,
-                 **ode_options) -> tuple[float, float, dict]:
-    """Bits/dim of uint8 images by the probability-flow ODE with uniform dequantization.
+                 dequantization: str = "uniform", truncation: float = DEFAULT_TRUNCATION,
+                 dequantized_grid: bool = False, **ode_options) -> tuple[float, float, dict]:
+    """Bits/dim of uint8 images by the probability-flow ODE, an upper bound on -log2 P / D.
 
-    For each of ``repeats`` passes and each batch: fresh dequantization noise and fresh
-    probes from ``generator``, then ``ode_log_likelihood(**ode_options)`` and the change
-    of variables of ``dequantized_bits_per_dim`` (module docstring). Returns
-    (mean, standard error, info): info["per_image"] [N, repeats] bits/dim,
-    info["estimator_standard_error"] (the Monte Carlo part alone, see
-    ``mean_and_standard_error``) and info["nfe"] summed over all solves.
+    ``dequantization``: "uniform" (Theis et al.; the ODE starts at ``eps`` from the
+    dequantized pixels, with the change of variables of ``dequantized_bits_per_dim``) or
+    "truncated_normal" (Zheng et al. 2023; the ODE starts at the t0 of ``truncation`` from
+    ``truncated_normal_dequantization``, whose bins follow the grid the network was trained
+    on, ``dequantized_grid``); module docstring. For each of ``repeats`` passes and each
+    batch: fresh dequantization noise and fresh probes from ``generator``, then
+    ``ode_log_likelihood(**ode_options)``. Returns (mean, standard error, info):
+    info["per_image"] [N, repeats] bits/dim, info["estimator_standard_error"] (the Monte
+    Carlo part alone, see ``mean_and_standard_error``), info["nfe"] summed over all solves
+    and info["t0"], the time the ODE starts at.
     """
     _check_images(images)
+    _check_choice("dequantization", dequantization, DEQUANTIZATIONS)
     if repeats < 1 or batch_size < 1:
         raise ValueError(f"repeats and batch_size must be >= 1, got {repeats}, {batch_size}")
+    truncated = dequantization == "truncated_normal"
+    if truncated and "eps" in ode_options:
+        raise ValueError("eps is not an option of truncated-normal dequantization: its start "
+                         "time t0 follows from truncation (tau)")
+    t0 = (truncation_time(sde, truncation, dequantized_grid) if truncated
+          else ode_options.get("eps", DEFAULT_EPS))
     dims = images[0].numel()
     per_image = torch.empty(images.shape[0], repeats, dtype=torch.float64)
     nfe = 0
     for repeat in range(repeats):
         for start in range(0, images.shape[0], batch_size):
-            x = uint8_to_float(images[start:start + batch_size], dequantize=True,
-                               generator=generator)
-            log_px, info = ode_log_likelihood(model, sde, x, generator=generator, **ode_options)
-            per_image[start:start + batch_size, repeat] = dequantized_bits_per_dim(log_px, dims).cpu()
+            batch = images[start:start + batch_size]
+            if truncated:
+                y, t0, log_q = truncated_normal_dequantization(
+                    sde, batch, truncation, dequantized_grid=dequantized_grid, generator=generator)
+                log_py, info = ode_log_likelihood(model, sde, y, generator=generator, eps=t0,
+                                                  **ode_options)
+                bits = (log_q.to(log_py.device) - log_py) / (dims * math.log(2.0))
+            else:
+                x = uint8_to_float(batch, dequantize=True, generator=generator)
+                log_px, info = ode_log_likelihood(model, sde, x, generator=generator, **ode_options)
+                bits = dequantized_bits_per_dim(log_px, dims)
+            per_image[start:start + batch_size, repeat] = bits.cpu()
             nfe += info["nfe"]
     mean, standard_error, estimator = mean_and_standard_error(per_image)
-    return mean, standard_error, {"per_image": per_image, "nfe": nfe,
+    return mean, standard_error, {"per_image": per_image, "nfe": nfe, "t0": t0,
                                   "estimator_standard_error": estimator}
 
 

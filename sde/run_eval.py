@@ -154,7 +154,9 @@ def heldout_metrics(config, model, sde, heldout: torch.Tensor, *,
             loss_sums[batch_index] = loss_fn(model, x0, generator=generator).item() * len(batch)
         _, _, info = likelihood.bits_per_dim(
             model, sde, batch.to(device), repeats=repeats, batch_size=len(batch),
-            generator=_batch_generator(config.seed, BPD_ODE_STREAM, batch_index))
+            generator=_batch_generator(config.seed, BPD_ODE_STREAM, batch_index),
+            dequantization=eval_cfg.bpd_dequantization, truncation=eval_cfg.bpd_truncation,
+            dequantized_grid=config.data.dequantize)
         ode_bits[rows], nfe[0] = info["per_image"], nfe[0] + info["nfe"]
         _, _, info = likelihood.elbo_bits_per_dim(
             model, sde, batch.to(device), continuous=config.training.continuous, repeats=repeats,
@@ -166,7 +168,11 @@ def heldout_metrics(config, model, sde, heldout: torch.Tensor, *,
         distributed.sum_over_ranks(tensor) for tensor in (loss_sums, ode_bits, elbo_bits, elbo_part_sums, nfe))
     report: dict[str, Any] = {"heldout_loss": loss_sums.sum().item() / count}
     mean, standard_error, _ = likelihood.mean_and_standard_error(ode_bits)
-    report["bpd_ode"] = {"mean": mean, "standard_error": standard_error, "nfe": int(nfe[0])}
+    report["bpd_ode"] = {"mean": mean, "standard_error": standard_error, "nfe": int(nfe[0]),
+                         "dequantization": eval_cfg.bpd_dequantization}
+    if eval_cfg.bpd_dequantization == "truncated_normal":
+        report["bpd_ode"].update(truncation=eval_cfg.bpd_truncation, t0=likelihood.truncation_time(
+            sde, eval_cfg.bpd_truncation, config.data.dequantize))
     mean, standard_error, _ = likelihood.mean_and_standard_error(elbo_bits)
     parts = elbo_part_sums.sum(0) / (count * repeats)
     report["bpd_elbo"] = {"mean": mean, "standard_error": standard_error, "nfe": int(nfe[1]),
@@ -246,7 +252,10 @@ def format_report(report: dict[str, Any]) -> str:
                                       f"({report['heldout']['num_images']} {report['heldout']['split']} images)"))
     for key, label in (("bpd_ode", "bits/dim (ODE)"), ("bpd_elbo", "bits/dim (ELBO)")):
         if key in report:
-            rows.append((label, f"{report[key]['mean']:.4f} ± {report[key]['standard_error']:.4f}"))
+            value = f"{report[key]['mean']:.4f} ± {report[key]['standard_error']:.4f}"
+            if "dequantization" in report[key]:
+                value += f"  ({report[key]['dequantization'].replace('_', '-')} dequantization)"
+            rows.append((label, value))
     quality = report.get("samples")
     if quality:
         rows.append(("sampler", f"{quality['sampler']}, {quality['steps']} steps, {quality['nfe']} NFE"))

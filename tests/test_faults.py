@@ -167,6 +167,11 @@ BAD_INPUTS: tuple[BadInput, ...] = (
              prepare=_empty_data_dir),
     BadInput("unwritable workdir", (), r"workdir \S+/a_file/run cannot be created: Not a directory",
              prepare=_workdir_under_a_file),
+    BadInput("eval: unknown dequantization", ("--config.eval.bpd_dequantization=gaussian",),
+             r"unknown eval\.bpd_dequantization 'gaussian'; accepted: uniform, truncated_normal", mode="eval"),
+    BadInput("eval: truncation past T", ("--config.eval.bpd_dequantization=truncated_normal",
+                                         "--config.eval.bpd_truncation=1e-9"),
+             r"eval\.bpd_truncation: truncation tau=1e-09 puts t0 outside \(0, T\)", mode="eval"),
 )
 
 

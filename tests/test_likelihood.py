@@ -283,6 +283,67 @@ def test_bits_per_dim_change_of_variables_by_hand():
     assert standard_error > info["estimator_standard_error"] > 0
 
 
+@pytest.mark.parametrize("dequantized_grid", [False, True])
+def test_truncated_normal_dequantization_bounds_the_exact_pixel_nll(dequantized_grid):
+    """1-D pixels from a pmf over the 256 grid values the network 'was trained on', and the
+    exact eps of that discrete law (zero-width mixture components at the grid values c_u).
+
+    Then p_t0(y) = sum_v P(v) N(y; alpha c_v, sigma^2) >= P(u) N(y; alpha c_u, sigma^2), so
+    every draw's bound log q - log p_t0 is at most -log P(u) - log Z (Z = erf(tau/sqrt 2);
+    up to the prior's error, as the ODE ends in N(0, 1), not p_T),
+    while its mean is at least -log of the model's pmf, the mass of p_t0 in u's scaled bin:
+    P_t0(u) = sum_v P(v) [Phi(tau (1 + 2(u - v))) - Phi(tau (2(u - v) - 1))].
+    """
+    sde, tau = VPSDE(), 2.0
+    levels = torch.arange(256, dtype=DTYPE)
+    centers = (levels + 0.5) / 128 - 1 if dequantized_grid else levels * 2 / 255 - 1
+    log_pmf = torch.log_softmax(-0.5 * ((centers - 0.1) / 0.3) ** 2, 0)
+    model = MixtureEps(continuous_schedule(sde), log_pmf.exp(), centers[:, None], torch.zeros(256))
+    images = torch.multinomial(log_pmf.exp(), 300, replacement=True,
+                               generator=torch.Generator().manual_seed(0)).to(torch.uint8)[:, None]
+    _, _, info = likelihood.bits_per_dim(
+        model, sde, images, generator=torch.Generator().manual_seed(1), batch_size=300,
+        dequantization="truncated_normal", truncation=tau, dequantized_grid=dequantized_grid,
+        divergence="exact", **TIGHT)
+    bound = info["per_image"][:, 0] * math.log(2)                                    # nats
+
+    t0 = torch.tensor(info["t0"], dtype=DTYPE)
+    half_width = 1 / 256 if dequantized_grid else 1 / 255
+    assert sde.log_snr(t0).item() == pytest.approx(math.log(tau / half_width), rel=1e-9)
+    u = images[:, 0].long()
+    log_z = math.log(math.erf(tau / math.sqrt(2)))
+    # the ODE ends in the N(0, 1) prior, not in p_T (alpha_T > 0): bound its log-ratio on |x_T| <= 6
+    x_T = torch.linspace(-6, 6, 2001, dtype=DTYPE)[:, None]
+    prior_error = (model.log_density(x_T, sde.T) - sde.prior_logp(x_T)).abs().max().item()
+    assert (bound <= -log_pmf[u] - log_z + prior_error + 1e-6).all()
+    normal = torch.distributions.Normal(torch.zeros((), dtype=DTYPE), torch.ones((), dtype=DTYPE))
+    offset = 2 * (levels[:, None] - levels[None, :])                                 # 2 (u - v)
+    bin_mass = (log_pmf.exp()[None, :] * (normal.cdf(tau * (offset + 1)) - normal.cdf(tau * (offset - 1)))).sum(1)
+    gap = bound + bin_mass.log()[u]
+    assert gap.mean() > -4 * gap.std() / math.sqrt(len(gap)) - prior_error
+    assert gap.mean() < -log_z
+
+
+def test_truncated_normal_dequantization_arguments():
+    sde = VPSDE()
+    images = torch.zeros(2, 1, 2, 2, dtype=torch.uint8)
+    model = GaussianEps(continuous_schedule(sde), torch.zeros(4), torch.eye(4))
+    with pytest.raises(ValueError, match="unknown dequantization 'gaussian'; accepted: 'uniform', 'truncated_normal'"):
+        likelihood.bits_per_dim(model, sde, images, dequantization="gaussian")
+    for tau in (0.0, -1.0):
+        with pytest.raises(ValueError, match="truncation"):
+            likelihood.bits_per_dim(model, sde, images, dequantization="truncated_normal", truncation=tau)
+    with pytest.raises(ValueError, match=r"outside \(0, T\)"):  # t0 past T: tau = 1e-6 bin widths
+        likelihood.truncation_time(sde, 1e-6)
+    with pytest.raises(ValueError, match="eps is not an option"):
+        likelihood.bits_per_dim(model, sde, images, dequantization="truncated_normal", eps=1e-3)
+    y, t0, log_q = likelihood.truncated_normal_dequantization(
+        sde, images, 1.0, generator=torch.Generator().manual_seed(0))
+    alpha, sigma = sde.alpha(torch.tensor(t0, dtype=DTYPE)), sde.sigma(torch.tensor(t0, dtype=DTYPE))
+    assert sigma / alpha == pytest.approx(1 / 255, rel=1e-9)        # tau = 1: sigma/alpha = h
+    assert ((y - alpha * -1.0).abs() <= sigma + 1e-12).all() and log_q.shape == (2,)
+
+
 # ---- ELBOs ------------------------------------------------------------------------------
 @pytest.mark.parametrize("sde_name", ["vp", "subvp", "ve"])
 def test_continuous_elbo_bounds_and_nearly_equals_the_gaussian_nll(sde_name):
@@ -420,3 +481,28 @@ def test_elbo_bits_per_dim_parts_add_up(continuous):
     assert info["nfe"] == pilot + 3 * 4 * (1 if continuous else 2)  # repeats x batches x calls
     parts = info["prior"] + info["diffusion"] + info["reconstruction"]
     assert abs(parts - mean) < 1e-9
+
+
+def test_heldout_metrics_use_the_configured_dequantization():
+    """--mode eval's bits/dim follows eval.bpd_dequantization and says which one it used."""
+    from conftest import make_tiny_config
+    from sde import data
+    from sde.models import create_model
+    from sde.run_eval import heldout_metrics
+    from sde.sdes import create_sde
+
+    config = make_tiny_config()
+    config.eval.batch_size = 2
+    torch.manual_seed(0)
+    model = create_model(config).eval()
+    sde = create_sde(config)
+    heldout = data.load_dataset(config)[0][:2]
+    reports = {}
+    for dequantization in likelihood.DEQUANTIZATIONS:
+        config.eval.bpd_dequantization = dequantization
+        reports[dequantization] = heldout_metrics(config, model, sde, heldout)["bpd_ode"]
+    assert reports["uniform"]["dequantization"] == "uniform" and "t0" not in reports["uniform"]
+    truncated = reports["truncated_normal"]
+    assert truncated["truncation"] == config.eval.bpd_truncation
+    assert truncated["t0"] == likelihood.truncation_time(sde, config.eval.bpd_truncation)
+    assert 0 < truncated["mean"] != reports["uniform"]["mean"] > 0
