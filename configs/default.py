@@ -103,7 +103,7 @@ def get_default_config() -> ml_collections.ConfigDict:
     evaluation.bpd_num_images = 100
     evaluation.bpd_repeats = 1       # dequantization noise / probe draws per image
     evaluation.bpd_dequantization = "uniform"  # or "truncated_normal" (sde/likelihood.py)
-    evaluation.bpd_truncation = 1.0  # tau of truncated-normal dequantization
+    evaluation.bpd_truncation = 2.0  # tau of truncated-normal dequantization
 
     config.compare = compare = ml_collections.ConfigDict()
     compare.runs = ("ancestral:10", "ddim:10", "dpm_solver:10", "heun:6", "ddim:50")

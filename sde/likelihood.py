@@ -143,7 +143,7 @@ DEQUANTIZATIONS = ("uniform", "truncated_normal")
 #: tau of truncated-normal dequantization, in standard deviations of the noise at t0 (module
 #: docstring); chosen on training images of the released model (``bench/dequantization.py
 #: --split test``, BENCHMARKS.md).
-DEFAULT_TRUNCATION = 1.0
+DEFAULT_TRUNCATION = 2.0
 
 
 # ---- data scaling (sde.data.uint8_to_float is the one place that defines it) ---------------
