@@ -358,9 +358,8 @@ def truncated_normal_dequantization(sde: SDE, images: Tensor, truncation: float,
     t0 = truncation_time(sde, truncation, dequantized_grid)
     t0_tensor = torch.tensor(t0, dtype=torch.float64)
     alpha, sigma = sde.alpha(t0_tensor).item(), sde.sigma(t0_tensor).item()
-    pixels = images.double()
     if dequantized_grid:
-        centers = (pixels + 0.5) * DEQUANTIZED_SLOPE - 1.0
+        centers = (images.double() + 0.5) * DEQUANTIZED_SLOPE - 1.0
     else:
         centers = uint8_to_float(images, dequantize=False).double()
     # inverse-CDF draws of N(0, 1) truncated to [-tau, tau]
