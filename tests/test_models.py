@@ -9,7 +9,8 @@ from configs.default import get_default_config
 from sde.models import MODELS, ToyMLP, UNet, count_parameters, create_model
 from sde.models.embeddings import (DDPM_NUM_STEPS, SINUSOIDAL_MAX_PERIOD, GaussianFourierEmbedding,
                                    SinusoidalEmbedding, TimeEmbedding)
-from sde.models.unet import AttentionBlock, ResBlock, group_norm, norm_groups
+from sde.models.unet import (DROPOUT_MASK_BITS, AttentionBlock, Dropout, ResBlock, group_norm,
+                             norm_groups)
 
 EMBEDDINGS = ("positional", "fourier")
 
@@ -226,6 +227,51 @@ def test_eval_mode_is_deterministic_and_train_mode_uses_dropout():
     torch.testing.assert_close(model(x, t), model(x, t), rtol=0, atol=0)
     model.train()
     assert not torch.equal(model(x, t), model(x, t))
+
+
+@pytest.mark.parametrize("p", [0.1, 0.5])
+def test_cpu_dropout_drops_at_the_realised_rate_in_every_quarter_of_a_draw(p):
+    """Each 64-bit draw masks four consecutive elements; every one of the four positions must
+    be dropped at the realised rate round(p 2^15) / 2^15 (a lost random bit in any 16-bit
+    quarter would halve or double its rate)."""
+    levels = 2 ** DROPOUT_MASK_BITS
+    rate = round(p * levels) / levels
+    torch.manual_seed(0)
+    dropped = (Dropout(p).train()(torch.ones(400_000)) == 0).double().view(-1, 4)
+    sigma = math.sqrt(rate * (1 - rate) / dropped.shape[0])
+    assert torch.all((dropped.mean(0) - rate).abs() < 5 * sigma), dropped.mean(0)
+    pairs = dropped[:, 0] * dropped[:, 1]  # neighbours independent: P(both) = rate^2
+    assert abs(pairs.mean().item() - rate ** 2) < 5 * math.sqrt(rate ** 2 / dropped.shape[0])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cpu_dropout_scales_kept_elements_by_the_realised_rate_with_one_rounding(dtype):
+    levels = 2 ** DROPOUT_MASK_BITS
+    scale = levels / (levels - round(0.1 * levels))
+    torch.manual_seed(0)
+    x = (torch.rand(8, 16, 9, 9) + 0.5).to(dtype).to(memory_format=torch.channels_last)
+    x.requires_grad_(True)
+    out = Dropout(0.1).train()(x)
+    assert out.dtype == dtype and out.is_contiguous(memory_format=torch.channels_last)
+    keep = (out != 0).to(torch.float32)
+    assert 0.8 < keep.mean().item() < 0.97
+    assert torch.equal(out, (x.detach().float() * keep * scale).to(dtype))
+    out.backward(torch.ones_like(out))
+    torch.testing.assert_close(x.grad.float(), keep * scale, rtol=4e-3 if dtype == torch.bfloat16 else 1e-6,
+                               atol=0)
+
+
+def test_cpu_dropout_edge_cases_and_determinism():
+    x = torch.rand(3, 5, 7) + 1
+    for layer in (Dropout(0.3).eval(), Dropout(0.0).train()):
+        assert torch.equal(layer(x), x)
+    assert torch.equal(Dropout(1.0).train()(x), torch.zeros_like(x))
+    strided = x[:, ::2, 1:]  # not dense: the mask is laid out in its logical order
+    torch.manual_seed(1)
+    first = Dropout(0.3).train()(strided)
+    torch.manual_seed(1)
+    assert torch.equal(first, Dropout(0.3).train()(strided.contiguous()))
+    assert first.shape == strided.shape and 0 < (first == 0).sum() < first.numel()
 
 
 def test_norm_groups_divide_channels_with_at_least_four_per_group():
