@@ -9,8 +9,8 @@ from configs.default import get_default_config
 from sde.models import MODELS, ToyMLP, UNet, count_parameters, create_model
 from sde.models.embeddings import (DDPM_NUM_STEPS, SINUSOIDAL_MAX_PERIOD, GaussianFourierEmbedding,
                                    SinusoidalEmbedding, TimeEmbedding)
-from sde.models.unet import (DROPOUT_MASK_BITS, AttentionBlock, Dropout, ResBlock, group_norm,
-                             norm_groups)
+from sde.models.unet import (DROPOUT_MASK_BITS, AttentionBlock, Dropout, ResBlock, attention,
+                             group_norm, norm_groups)
 
 EMBEDDINGS = ("positional", "fourier")
 
@@ -272,6 +272,23 @@ def test_cpu_dropout_edge_cases_and_determinism():
     torch.manual_seed(1)
     assert torch.equal(first, Dropout(0.3).train()(strided.contiguous()))
     assert first.shape == strided.shape and 0 < (first == 0).sum() < first.numel()
+
+
+def test_explicit_training_attention_matches_the_fused_kernel_in_value_and_gradient():
+    """With gradients on CPU ``attention`` takes the explicit softmax product; it must agree
+    with ``scaled_dot_product_attention`` (the no-grad path) in values and gradients."""
+    torch.manual_seed(0)
+    leaves = [torch.randn(3, 2, 49, 16, requires_grad=True) for _ in range(3)]
+    explicit = attention(*leaves)
+    grads = torch.autograd.grad(explicit, leaves, torch.ones_like(explicit))
+    detached = [leaf.detach().requires_grad_(True) for leaf in leaves]
+    fused = torch.nn.functional.scaled_dot_product_attention(*detached)
+    fused_grads = torch.autograd.grad(fused, detached, torch.ones_like(fused))
+    torch.testing.assert_close(explicit, fused, rtol=1e-5, atol=1e-6)
+    for got, expected in zip(grads, fused_grads):
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    with torch.no_grad():
+        torch.testing.assert_close(attention(*leaves), fused, rtol=1e-5, atol=1e-6)
 
 
 def test_norm_groups_divide_channels_with_at_least_four_per_group():

@@ -177,6 +177,21 @@ class ResBlock(nn.Module):
         return (self.shortcut(x) + h) * self.output_scale
 
 
+def attention(query: Tensor, key: Tensor, value: Tensor) -> Tensor:
+    """``softmax(q k^T / sqrt(d)) v`` over the last two dims (Vaswani et al. 2017 eq. 1).
+
+    PyTorch's fused ``scaled_dot_product_attention``, except when gradients flow on CPU: there
+    its flash-attention backward is slower than the explicit product, 4.6x in bf16 ([128, 1,
+    49, 64], this U-Net's 7x7 attention at batch 128, one thread, forward and backward: 55 ms
+    against 12 ms) and 1.2x in float32. The explicit form holds the [HW, HW] weights, which
+    at the resolutions a CPU trains is small (7x7: 49^2 per image and head).
+    """
+    if query.device.type == "cpu" and torch.is_grad_enabled() and query.requires_grad:
+        weights = torch.softmax((query * query.shape[-1] ** -0.5) @ key.transpose(-1, -2), dim=-1)
+        return weights @ value
+    return F.scaled_dot_product_attention(query, key, value)
+
+
 class AttentionBlock(nn.Module):
     """Self-attention over the pixels (Ho et al. 2020; Vaswani et al. 2017 eq. 1):
     ``x + proj(softmax(q k^T / sqrt(d)) v)`` with q, k, v 1x1 convs of GroupNorm(x)."""
@@ -197,7 +212,7 @@ class AttentionBlock(nn.Module):
         qkv = self.qkv(self.norm(x)).reshape(batch, 3, self.num_heads, channels // self.num_heads,
                                              height * width)
         query, key, value = qkv.transpose(-1, -2).unbind(1)  # each [B, heads, HW, d]
-        h = F.scaled_dot_product_attention(query, key, value)
+        h = attention(query, key, value)
         h = h.transpose(-1, -2).reshape(batch, channels, height, width)
         return (x + self.proj_out(h)) * self.output_scale
 
