@@ -126,8 +126,8 @@ class Dropout(nn.Dropout):
         threshold = round(self.p * levels)
         if threshold == levels:
             return torch.zeros_like(x)
-        words = torch.empty((x.numel() + 3) // 4, dtype=torch.int64).random_()  # [0, 2^63)
-        bits = words.view(torch.int16)[: x.numel()] & (levels - 1)
+        words = torch.empty((x.numel() + 3) // 4, dtype=torch.int64, device=x.device).random_()
+        bits = words.view(torch.int16)[: x.numel()] & (levels - 1)  # words are in [0, 2^63)
         keep = (bits >= threshold).to(x.dtype)
         dense = x.is_contiguous() or x.is_contiguous(memory_format=torch.channels_last)
         # A dense x's strides index a permutation of numel elements: the mask takes its layout.
