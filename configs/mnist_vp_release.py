@@ -6,8 +6,9 @@ Trained on the official MNIST *test* split (10,000 images, ``../shared/data/mnis
 as ../shared/DESIGN.md's CPU protocol prescribes (full MNIST cannot be downloaded here);
 the held-out set for loss and bits/dim is ``train5k`` (5,000 training-split images, none
 in the test split). It differs from ``mnist_vp.py`` only where a 2-hour CPU budget asks
-for it: bf16 autocast (1.58x the fp32 training speed on a CPU with AVX512-BF16, 120-165
-images/s on 2 cores: the release's 6,000 steps of 128 took 106 minutes), a higher learning rate
+for it: bf16 autocast (1.4-1.8x the fp32 training speed on a CPU with AVX512-BF16; 120-165
+images/s on 2 cores when the release's 6,000 steps of 128 took 106 minutes, about 240 since the
+U-Net's CPU Dropout and attention changes), a higher learning rate
 with a short warm-up, so the network gets further in few steps, and snapshots every 500 steps.
 On a CPU without bf16 support add ``--config.training.amp=False``: autocast there runs at
 about 0.09x of fp32 (README, training throughput).
