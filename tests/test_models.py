@@ -280,6 +280,7 @@ def test_explicit_training_attention_matches_the_fused_kernel_in_value_and_gradi
     torch.manual_seed(0)
     leaves = [torch.randn(3, 2, 49, 16, requires_grad=True) for _ in range(3)]
     explicit = attention(*leaves)
+    assert "ScaledDotProduct" not in type(explicit.grad_fn).__name__  # the explicit path ran
     grads = torch.autograd.grad(explicit, leaves, torch.ones_like(explicit))
     detached = [leaf.detach().requires_grad_(True) for leaf in leaves]
     fused = torch.nn.functional.scaled_dot_product_attention(*detached)
