@@ -78,7 +78,7 @@ def get_default_config() -> ml_collections.ConfigDict:
     options.clip_x0 = placeholder(bool)     # clip the x0 prediction to [-1, 1]
     options.schedule = placeholder(str)     # uniform | quadratic | log_snr | karras
     options.discrete = placeholder(bool)    # ddim, dpm_solver(_sde), unipc, heun: the N DDPM steps
-    options.eta = placeholder(float)        # ddim
+    options.eta = placeholder(float)        # ddim: [0, 1]; dpm_solver_sde: >= 0
     options.spacing = placeholder(str)      # ddim: uniform | quadratic (the DDIM paper's schedule name)
     options.variance = placeholder(str)     # ancestral: beta | beta_tilde
     options.method = placeholder(str)       # ode: dopri5 | euler | midpoint | rk4

@@ -56,7 +56,8 @@ def test_available_lists_every_sampler():
 
 
 @pytest.mark.parametrize("name,options", [(name, {}) for name in SAMPLER_NAMES]
-                         + [("ddim", {"eta": 1.0})])
+                         + [("ddim", {"eta": 1.0}), ("dpm_solver_sde", {"eta": 0.0}),
+                            ("dpm_solver_sde", {"eta": 2.5})])
 def test_is_stochastic_says_whether_the_noise_after_x_T_matters(name, options):
     """Same x_T, different generators: the draws differ exactly for the reverse-SDE samplers."""
     sde = VPSDE()
@@ -217,15 +218,18 @@ def test_ddim_eta_one_is_ancestral_beta_tilde(steps):
 
 @pytest.mark.parametrize("sde_name", SDES)
 @pytest.mark.parametrize("discrete", [False, True])
-@pytest.mark.parametrize("name,equal_to", [("dpm_solver", {}), ("dpm_solver_sde", {"eta": 1.0})])
-def test_dpm_solver_order_one_is_ddim(sde_name, discrete, name, equal_to):
-    """DPM-Solver++ 1 is DDIM; SDE-DPM-Solver++ 1 is DDIM with eta = 1, noise draw for draw."""
+@pytest.mark.parametrize("name,own,equal_to", [("dpm_solver", {}, {}),
+                                               ("dpm_solver_sde", {}, {"eta": 1.0}),
+                                               ("dpm_solver_sde", {"eta": 0.0}, {"eta": 0.0})])
+def test_dpm_solver_order_one_is_ddim(sde_name, discrete, name, own, equal_to):
+    """DPM-Solver++ 1 is DDIM; SDE-DPM-Solver++ 1 is DDIM with eta = 1 (its default, the
+    reverse SDE), noise draw for draw, and with its eta = 0 (the ODE) the deterministic DDIM."""
     sde = SDES[sde_name]()
     x_T = prior(sde, 6)
     runs = [samplers.sample(method, mixture(sde), sde, x_T.shape, steps=12, x_T=x_T,
                             schedule="log_snr", discrete=discrete, disable=True,
                             generator=torch.Generator().manual_seed(3), **options)[0]
-            for method, options in [(name, {"order": 1}), ("ddim", equal_to)]]
+            for method, options in [(name, {"order": 1, **own}), ("ddim", equal_to)]]
     assert torch.allclose(runs[0], runs[1], atol=1e-10, rtol=1e-10)
 
 
@@ -473,6 +477,9 @@ BAD_CALLS = [
     ("dpm_solver", {"order": 4}, VPSDE, r"order must be one of \(1, 2, 3\)"),
     ("dpm_solver", {"order": 0}, VPSDE, r"order must be one of \(1, 2, 3\)"),
     ("dpm_solver_sde", {"order": 3}, VPSDE, r"order must be one of \(1, 2\)"),
+    ("dpm_solver_sde", {"eta": -0.5}, VPSDE, r"eta must be a finite number >= 0"),
+    ("dpm_solver_sde", {"eta": float("inf")}, VPSDE, r"eta must be a finite number >= 0"),
+    ("dpm_solver_sde", {"eta": "1"}, VPSDE, r"eta must be a finite number >= 0.*got '1'"),
     ("unipc", {"order": 4}, VPSDE, r"order must be one of \(1, 2, 3\)"),
     ("unipc", {"variant": "bh3"}, VPSDE, "unknown variant 'bh3'; accepted: bh1, bh2"),
     ("heun", {"schedule": "cosine"}, VPSDE, "unknown schedule 'cosine'; accepted: uniform"),
@@ -530,6 +537,8 @@ ORDER_CASES = [  # (sampler, options, expected order, accepted slope range); mea
     ("unipc", {"order": 3, "lower_order_final": False}, 4, (3.3, 4.3)),
     # without the corrector UniP-p is of order p (2.02: UniP-2 is DPM-Solver++ 2M)
     ("unipc", {"order": 2, "corrector": False, "lower_order_final": False}, 2, (1.9, 2.3)),
+    # SDE-DPM-Solver++ 2M without diffusion (eta = 0) integrates the ODE: order 2
+    ("dpm_solver_sde", {"eta": 0.0}, 2, (1.8, 2.3)),
 ]
 
 
@@ -595,6 +604,8 @@ DISTRIBUTION_CASES = {
     "pc reverse_diffusion": ({"corrector_norm": "batch", "predictor": "reverse_diffusion"}, 300),
     "dpm_solver": ({}, 50),
     "dpm_solver_sde": ({}, 100),
+    "dpm_solver_sde eta=0": ({"eta": 0.0}, 50),
+    "dpm_solver_sde eta=3": ({"eta": 3.0}, 100),
     "unipc": ({}, 50),
     "heun": ({}, 50),
 }

@@ -39,26 +39,38 @@ NFE in 16-D, worse at 10 NFE); without ``lower_order_final`` 3M is 1-8x worse on
 schedules.
 
 ``dpm_solver_sde`` is the stochastic counterpart (Lu et al. 2022, "DPM-Solver++", App. B,
-SDE-DPM-Solver++; k-diffusion's ``sample_dpmpp_2m_sde``). The reverse SDE, written with
-the data prediction in log-SNR time, is linear in x given x0_hat, and its exact solution
-from level s to t (h = lambda_t - lambda_s) is
+SDE-DPM-Solver++; k-diffusion's ``sample_dpmpp_2m_sde``). It solves the family of reverse
+SDEs that share the forward marginals (Song et al. 2021, eq. 6, for eta = 1;
+Karras et al. 2022, eq. 6, with beta(t) = eta sigma'(t) / sigma(t) in their variables),
 
-    x_t = sigma_t / sigma_s e^{-h} x_s + alpha_t int_0^h 2 e^{2(u - h)} x0_hat(lambda_s + u) du
-          + sigma_t sqrt(1 - e^{-2h}) z.
+    dx = [f(t) x - (1 + eta) / 2 g(t)^2 score(x, t)] dt + sqrt(eta) g(t) dw_bar,
 
-With x0_hat(lambda_s + u) = D + u D' the integral is c D + (h - c / 2) D', c = -expm1(-2h)
-(int_0^h 2 e^{2(u-h)} u du = h - c / 2), and the one backward difference D' ~ (D0 - D1) / h0,
-h0 = r0 h, gives
+where ``eta`` is the fraction of the diffusion g^2 kept: eta = 1 is the reverse SDE (eq. 6,
+the default), eta = 0 the probability-flow ODE, eta > 1 injects more noise than the reverse
+SDE and leans harder on the latest data prediction. Written with the data prediction in
+log-SNR time (g^2 dt = -2 sigma^2 dlambda), the SDE is linear in x given x0_hat, and its
+exact solution from level s to t (h = lambda_t - lambda_s > 0) is
 
-  order 1   x_t = sigma_t / sigma_s e^{-h} x_s + alpha_t c D0 + sigma_t sqrt(c) z
-            (= DDIM with eta = 1: the ancestral step with the posterior variance)
-  order 2   ... + alpha_t (1 - c / (2h)) (D0 - D1) / r0                  ("2M SDE")
+    x_t = sigma_t / sigma_s e^{-eta h} x_s
+          + alpha_t int_0^h (1 + eta) e^{(1 + eta)(u - h)} x0_hat(lambda_s + u) du
+          + sigma_t sqrt(1 - e^{-2 eta h}) z.
 
-(the exact integral of the linear interpolation, k-diffusion's ``solver_type="heun"``).
-The update to the data (h = +inf) is first order, x_t = D0. Measured weak order on Gaussian
-data: 0.91 (order 1) and 2.34 (order 2) (tests/test_samplers.py). On the released MNIST
-model it trails ``ancestral`` (FID 17.9 / 16.0 / 15.0 at 10 / 20 / 50 NFE against 17.2 /
-13.4 / 13.6, BENCHMARKS.md).
+With x0_hat(lambda_s + u) = D + u D' the integral is c D + (h - c / (1 + eta)) D',
+c = -expm1(-(1 + eta) h), and the one backward difference D' ~ (D0 - D1) / h0, h0 = r0 h,
+gives
+
+  order 1   x_t = sigma_t / sigma_s e^{-eta h} x_s + alpha_t c D0 + sigma_t sqrt(1 - e^{-2 eta h}) z
+            (eta = 1: DDIM with eta = 1, the ancestral step with the posterior variance;
+            eta = 0: DDIM with eta = 0; in between the two families differ, DDIM's noise
+            being eta sigma_t sqrt(1 - e^{-2h}))
+  order 2   ... + alpha_t (1 - c / ((1 + eta) h)) (D0 - D1) / r0            ("2M SDE")
+
+(the exact integral of the linear interpolation, k-diffusion's ``solver_type="heun"``, whose
+``eta`` is this one). For exact x0_hat = x0 the step maps alpha_s x0 + sigma_s z to
+alpha_t x0 + sigma_t z' for every eta: the mean coefficient is e^{-(1 + eta) h} + c = 1 and
+the variance e^{-2 eta h} + (1 - e^{-2 eta h}) = 1. The update to the data (h = +inf) is
+first order, x_t = D0. Measured weak order on Gaussian data (eta = 1): 0.91 (order 1) and
+2.34 (order 2) (tests/test_samplers.py).
 """
 from __future__ import annotations
 
@@ -83,6 +95,10 @@ def check_options(options: dict, sde, given: set, orders: tuple[int, ...] = ORDE
 
 def check_sde_options(options: dict, sde, given: set) -> None:
     check_options(options, sde, given, SDE_ORDERS)
+    eta = options["eta"]
+    if isinstance(eta, bool) or not isinstance(eta, (int, float)) or not 0.0 <= eta < math.inf:
+        raise ValueError(f"eta must be a finite number >= 0 (1: the reverse SDE, 0: the "
+                         f"probability-flow ODE), got {eta!r}")
 
 
 def dpm_solver(model: Denoiser, x: Tensor, grid: NoiseGrid, *, sde, noise: NoiseSource,
@@ -126,8 +142,10 @@ def dpm_solver(model: Denoiser, x: Tensor, grid: NoiseGrid, *, sde, noise: Noise
 
 
 def dpm_solver_sde(model: Denoiser, x: Tensor, grid: NoiseGrid, *, sde, noise: NoiseSource,
-                   callback: Callback | None = None, disable: bool = False, order: int = 2) -> Tensor:
-    """SDE-DPM-Solver++ (Lu et al. 2022, App. B), orders 1 and 2M; see the module docstring."""
+                   callback: Callback | None = None, disable: bool = False, order: int = 2,
+                   eta: float = 1.0) -> Tensor:
+    """SDE-DPM-Solver++ (Lu et al. 2022, App. B), orders 1 and 2M, with the diffusion fraction
+    ``eta`` of the reverse-SDE family; see the module docstring."""
     log_snr = grid.log_snr.tolist()
     previous: Tensor | None = None  # the data prediction at the previous level
     for i in tqdm(range(len(grid) - 1), disable=disable, desc="dpm_solver_sde"):
@@ -138,13 +156,14 @@ def dpm_solver_sde(model: Denoiser, x: Tensor, grid: NoiseGrid, *, sde, noise: N
             x = x0
         else:
             h = log_snr[i + 1] - log_snr[i]
-            c = -math.expm1(-2.0 * h)
+            c = -math.expm1(-(1.0 + eta) * h)
             x0_term = c * x0
             if order == 2 and previous is not None:
                 r0 = (log_snr[i] - log_snr[i - 1]) / h
-                x0_term = x0_term + (1.0 - c / (2.0 * h)) / r0 * (x0 - previous)
-            x = (sigma_s / sigma_t * math.exp(-h) * x + alpha_s * x0_term
-                 + sigma_s * math.sqrt(c) * noise.randn(x.shape))
+                x0_term = x0_term + (1.0 - c / ((1.0 + eta) * h)) / r0 * (x0 - previous)
+            x = sigma_s / sigma_t * math.exp(-eta * h) * x + alpha_s * x0_term
+            if eta > 0:
+                x = x + sigma_s * math.sqrt(-math.expm1(-2.0 * eta * h)) * noise.randn(x.shape)
         previous = x0
         report(callback, i, s, x, x0)
     return x
