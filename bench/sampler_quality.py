@@ -2,6 +2,8 @@
 
     python bench/sampler_quality.py                      # the full protocol (hours on 2 CPU cores)
     python bench/sampler_quality.py --num-samples 300 --long-steps 0   # a cheaper subset
+    python bench/sampler_quality.py --samplers dpm_solver_sde --nfe 10 --long-steps 0 \
+        --runs dpm_solver_sde:10:eta=2.0                 # a rung plus a variant beside it
 
 The protocol of issue 6 on MNIST-10k (../shared/DESIGN.md): each fixed-step sampler at
 10, 20, 50 and 100 network evaluations per sample (``steps_for_nfe``: the most steps that
@@ -10,7 +12,9 @@ adaptive dopri5 ODE at its natural NFE; the same per-sample seeds everywhere;
 ``--num-samples`` images each, streamed through Inception into FID/KID against the
 statistics of the 10k training images, and through the MNIST classifier (mean confidence,
 class histogram). Beside them, the *floor*: the same metrics for ``--num-samples`` real
-held-out images (train5k), i.e. what a perfect sampler would score at that sample count. Prints the table and the ratio
+held-out images (train5k), i.e. what a perfect sampler would score at that sample count.
+``--runs`` adds runs with explicit options (``--mode compare``'s 'method:steps:key=value'
+syntax) to the same table; they count for the best at 10 NFE like any rung. Prints the table and the ratio
 FID(best sampler at 10 NFE) / FID(ancestral, 1000 steps) (goal <= 1.15), writes the
 FID-vs-NFE plot of every run measured on these weights (``fid_vs_nfe_<weights digest>.png``),
 and appends the table to BENCHMARKS.md.
@@ -34,7 +38,7 @@ sys.path.insert(0, str(REPO))
 from bench.common import append_to_benchmarks, load_config  # noqa: E402
 from sde import data, samplers  # noqa: E402
 from sde.inference import load_ema_model  # noqa: E402
-from sde.run_compare import _plot  # noqa: E402
+from sde.run_compare import _plot, parse_run  # noqa: E402
 from sde.run_eval import reference_features, sample_quality  # noqa: E402
 from sde.sdes import create_sde  # noqa: E402
 from sde.workdir import Workdir  # noqa: E402
@@ -142,6 +146,8 @@ def main() -> None:
     parser.add_argument("--long-samplers", nargs="+", default=list(LONG_SAMPLERS),
                         help="samplers run at --long-steps (default: ancestral ddim)")
     parser.add_argument("--samplers", nargs="+", default=None, help="default: every registered sampler")
+    parser.add_argument("--runs", nargs="+", default=[], metavar="METHOD:STEPS[:KEY=VALUE,...]",
+                        help="extra runs with explicit options, e.g. dpm_solver_sde:10:eta=2.0")
     parser.add_argument("--reference-num-images", type=int, default=0,
                         help="training images in the FID reference (0: all 10k, the protocol)")
     parser.add_argument("--threads", type=int, default=0)
@@ -165,6 +171,15 @@ def main() -> None:
     config.eval.reference_num_images = args.reference_num_images
     device = torch.device("cpu")
     sde = create_sde(config)
+    extra_runs = []
+    for entry in args.runs:
+        try:
+            name, steps, options = parse_run(entry)
+            samplers.nfe_for_steps(name, steps, **options)  # unknown sampler or option, bad steps
+            samplers.resolve_options(name, sde, options)
+        except ValueError as error:
+            parser.error(f"--runs {entry!r}: {error}")
+        extra_runs.append((name, steps, options))
     model, source, step = load_ema_model(config, args.workdir, device, args.checkpoint)
     inception = InceptionFeatures(config.eval.inception_path or None, device=device,
                                   batch_size=config.eval.batch_size)
@@ -189,7 +204,8 @@ def main() -> None:
                                       inception, reference, config.sampling.seed))
     prefix = f"{weights_digest}|{args.num_samples}|{reference.count}|{config.sampling.seed}|"
     results = []
-    for name, steps, options in plan_runs(names, args.nfe, args.long_steps, tuple(args.long_samplers)):
+    plan = plan_runs(names, args.nfe, args.long_steps, tuple(args.long_samplers)) + extra_runs
+    for name, steps, options in plan:
         label = _label(name, steps, options)
 
         def run(name=name, steps=steps, options=options, label=label) -> dict:
@@ -212,7 +228,7 @@ def main() -> None:
                f"{config.sampling.seed}; reference: Inception statistics of the {reference.count} "
                f"training images."]
     at_10 = [m for m in results if m["nfe"] <= 10]
-    long_ancestral = [m for m in results if m["sampler"] == "ancestral" and m["steps"] == args.long_steps]
+    long_ancestral = [m for m in results if m["run"] == f"ancestral:{args.long_steps}"]
     if at_10:
         best = min(at_10, key=lambda m: m["fid"])
         summary.append(f"Best at <= 10 NFE: {best['run']} (NFE {best['nfe']}), FID {best['fid']:.2f}; "

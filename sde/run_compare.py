@@ -38,14 +38,14 @@ def parse_run(entry: str) -> tuple[str, int, dict[str, Any]]:
     """``"ddim:50:eta=1.0,schedule=quadratic"`` -> ("ddim", 50, {"eta": 1.0, "schedule": "quadratic"})."""
     parts = entry.split(":")
     if len(parts) not in (2, 3) or not parts[1].strip().isdigit():
-        raise ValueError(f"compare.runs entry {entry!r} is not 'method:steps' or "
+        raise ValueError(f"run entry {entry!r} is not 'method:steps' or "
                          f"'method:steps:key=value,...'")
     options = {}
     if len(parts) == 3 and parts[2]:
         for item in parts[2].split(","):
             key, sep, value = item.partition("=")
             if not sep:
-                raise ValueError(f"compare.runs entry {entry!r}: option {item!r} is not key=value")
+                raise ValueError(f"run entry {entry!r}: option {item!r} is not key=value")
             options[key.strip()] = _parse_value(value.strip())
     return parts[0].strip(), int(parts[1]), options
 
