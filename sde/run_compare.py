@@ -91,10 +91,15 @@ def _plot(rows: list[dict[str, Any]], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    figure, axis = plt.subplots(figsize=(6, 4), dpi=120)
-    for sampler in sorted({row["sampler"] for row in rows}):
+    figure, axis = plt.subplots(figsize=(7.5, 4), dpi=120)
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for index, sampler in enumerate(sorted({row["sampler"] for row in rows})):
         points = sorted((row["nfe"], row["fid"]) for row in rows if row["sampler"] == sampler)
-        axis.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=sampler)
+        # past the colour cycle, the same colours come back with another marker and line style
+        lap = index // len(colors)
+        axis.plot([p[0] for p in points], [p[1] for p in points], label=sampler,
+                  color=colors[index % len(colors)], marker="osD^v"[lap % 5],
+                  linestyle=["-", "--", ":", "-."][lap % 4])
     axis.set_xscale("log")
     axis.set_yscale("log")  # FIDs span 10 to several hundred
     plain = matplotlib.ticker.FuncFormatter(lambda value, _: f"{value:g}")
@@ -103,7 +108,7 @@ def _plot(rows: list[dict[str, Any]], path: Path) -> None:
     axis.set_xlabel("network evaluations per sample (NFE)")
     axis.set_ylabel("FID")
     axis.grid(True, which="both", alpha=0.3)
-    axis.legend(fontsize=8)
+    axis.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     buffer = io.BytesIO()
     figure.savefig(buffer, format="png", bbox_inches="tight")
     plt.close(figure)
