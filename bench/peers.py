@@ -35,19 +35,22 @@ MISSING_DIFFUSERS = ("diffusers is not installed; this benchmark compares agains
 SCHEDULERS = {
     "DDIM": "DDIMScheduler",
     "DPMSolverMultistep": "DPMSolverMultistepScheduler",
+    "DPMSolverMultistepSDE": "DPMSolverMultistepScheduler",  # algorithm_type="sde-dpmsolver++"
     "UniPCMultistep": "UniPCMultistepScheduler",
     "EulerDiscrete": "EulerDiscreteScheduler",
     "DDPM": "DDPMScheduler",
     "EulerAncestralDiscrete": "EulerAncestralDiscreteScheduler",
 }
 #: The stochastic ones (fresh noise every step, drawn per sample like ours): DDPM's
-#: ancestral sampling and Euler ancestral.
-STOCHASTIC_SCHEDULERS = ("DDPM", "EulerAncestralDiscrete")
+#: ancestral sampling, Euler ancestral and SDE-DPM-Solver++ 2M (the counterpart of our
+#: ``dpm_solver_sde``).
+STOCHASTIC_SCHEDULERS = ("DDPM", "EulerAncestralDiscrete", "DPMSolverMultistepSDE")
 #: diffusers' timestep spacings (Lin et al. 2024, "Common Diffusion Noise Schedules and
 #: Sample Steps are Flawed", table 2).
 SPACINGS = ("leading", "linspace", "trailing")
 #: Schedulers that accept ``use_karras_sigmas`` (Karras et al. 2022, eq. 5 noise levels).
-KARRAS_SCHEDULERS = ("DPMSolverMultistep", "UniPCMultistep", "EulerDiscrete")
+KARRAS_SCHEDULERS = ("DPMSolverMultistep", "DPMSolverMultistepSDE", "UniPCMultistep",
+                     "EulerDiscrete")
 
 
 def require_diffusers():
@@ -126,7 +129,8 @@ def make_scheduler(name: str, sde, spacing: str = "linspace", karras: bool = Fal
     eps prediction, ``trained_betas = sde.betas``, no x0 clipping or thresholding (as our
     samplers' default ``clip_x0=False``), DDIM deterministic (eta = 0) with
     ``set_alpha_to_one`` so its last step lands on the data, as ours do; DDPM with its
-    default posterior variance beta_tilde (our ``ancestral`` default); ``karras`` uses
+    default posterior variance beta_tilde (our ``ancestral`` default); DPMSolverMultistepSDE
+    is DPMSolverMultistep with ``algorithm_type="sde-dpmsolver++"``; ``karras`` uses
     Karras et al.'s noise levels instead of a timestep spacing.
     """
     if name not in SCHEDULERS:
@@ -144,6 +148,8 @@ def make_scheduler(name: str, sde, spacing: str = "linspace", karras: bool = Fal
         options.update(clip_sample=False, set_alpha_to_one=True)
     if name == "DDPM":
         options["clip_sample"] = False
+    if name == "DPMSolverMultistepSDE":
+        options["algorithm_type"] = "sde-dpmsolver++"
     if karras:
         options["use_karras_sigmas"] = True
     return getattr(diffusers, SCHEDULERS[name])(**options)

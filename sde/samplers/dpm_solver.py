@@ -65,8 +65,12 @@ gives
             being eta sigma_t sqrt(1 - e^{-2h}))
   order 2   ... + alpha_t (1 - c / ((1 + eta) h)) (D0 - D1) / r0            ("2M SDE")
 
-(the exact integral of the linear interpolation, k-diffusion's ``solver_type="heun"``, whose
-``eta`` is this one). For exact x0_hat = x0 the step maps alpha_s x0 + sigma_s z to
+(the exact integral of the linear interpolation, ``solver_type="heun"`` as k-diffusion calls
+it, whose ``eta`` is this one). ``solver_type="midpoint"``, the default of k-diffusion's
+``sample_dpmpp_2m_sde`` and of diffusers' ``sde-dpmsolver++``, uses c / 2 instead of
+1 - c / ((1 + eta) h): both are (1 + eta) h / 2 + O(h^2), so on the O(h) difference D0 - D1
+they differ by O(h^3) per step and the method keeps its order, but they part at the large
+log-SNR steps of a 10-step grid. For exact x0_hat = x0 the step maps alpha_s x0 + sigma_s z to
 alpha_t x0 + sigma_t z' for every eta: the mean coefficient is e^{-(1 + eta) h} + c = 1 and
 the variance e^{-2 eta h} + (1 - e^{-2 eta h}) = 1. The update to the data (h = +inf) is
 first order, x_t = D0. Measured weak order on Gaussian data (eta = 1): 0.91 (order 1) and
@@ -88,6 +92,8 @@ Tensor = torch.Tensor
 ORDERS = (1, 2, 3)
 #: Orders of ``dpm_solver_sde`` (one backward difference: no third order derived here).
 SDE_ORDERS = (1, 2)
+#: How ``dpm_solver_sde`` weights its backward difference (see the module docstring).
+SDE_SOLVER_TYPES = ("heun", "midpoint")
 
 
 def check_options(options: dict, sde, given: set, orders: tuple[int, ...] = ORDERS) -> None:
@@ -101,6 +107,9 @@ def check_sde_options(options: dict, sde, given: set) -> None:
     if isinstance(eta, bool) or not isinstance(eta, (int, float)) or not 0.0 <= eta < math.inf:
         raise ValueError(f"eta must be a finite number >= 0 (1: the reverse SDE, 0: the "
                          f"probability-flow ODE), got {eta!r}")
+    if options["solver_type"] not in SDE_SOLVER_TYPES:
+        raise ValueError(f"unknown solver_type {options['solver_type']!r}; accepted: "
+                         f"{', '.join(SDE_SOLVER_TYPES)}")
 
 
 def dpm_solver(model: Denoiser, x: Tensor, grid: NoiseGrid, *, sde, noise: NoiseSource,
@@ -145,7 +154,7 @@ def dpm_solver(model: Denoiser, x: Tensor, grid: NoiseGrid, *, sde, noise: Noise
 
 def dpm_solver_sde(model: Denoiser, x: Tensor, grid: NoiseGrid, *, sde, noise: NoiseSource,
                    callback: Callback | None = None, disable: bool = False, order: int = 2,
-                   eta: float = 1.0) -> Tensor:
+                   eta: float = 1.0, solver_type: str = "heun") -> Tensor:
     """SDE-DPM-Solver++ (Lu et al. 2022, App. B), orders 1 and 2M, with the diffusion fraction
     ``eta`` of the reverse-SDE family; see the module docstring."""
     log_snr = grid.log_snr.tolist()
@@ -162,7 +171,8 @@ def dpm_solver_sde(model: Denoiser, x: Tensor, grid: NoiseGrid, *, sde, noise: N
             x0_term = c * x0
             if order == 2 and previous is not None:
                 r0 = (log_snr[i] - log_snr[i - 1]) / h
-                x0_term = x0_term + (1.0 - c / ((1.0 + eta) * h)) / r0 * (x0 - previous)
+                weight = 0.5 * c if solver_type == "midpoint" else 1.0 - c / ((1.0 + eta) * h)
+                x0_term = x0_term + weight / r0 * (x0 - previous)
             x = sigma_s / sigma_t * math.exp(-eta * h) * x + alpha_s * x0_term
             if eta > 0:
                 x = x + sigma_s * math.sqrt(-math.expm1(-2.0 * eta * h)) * noise.randn(x.shape)
