@@ -34,7 +34,7 @@ training images (``sde.run_eval.reference_features``, cached in ``--workdir``/ev
 the table and FID(our best at 10 NFE) / FID(their best at 10 NFE) (goal <= 0.9), over all
 samplers run and over the deterministic (probability-flow ODE) samplers of both sides, and
 appends them to BENCHMARKS.md. Finished runs are kept in ``--out``/runs.json, keyed by their
-settings, so an interrupted benchmark resumes.
+settings (ours with every sampler option resolved), so an interrupted benchmark resumes.
 """
 from __future__ import annotations
 
@@ -52,7 +52,7 @@ sys.path.insert(0, str(REPO))
 
 from bench import peers  # noqa: E402
 from bench.common import append_to_benchmarks, load_config  # noqa: E402
-from bench.sampler_variants import sampler_variants, variant_label  # noqa: E402
+from bench.sampler_variants import sampler_variants, settings, variant_label  # noqa: E402
 from sde import data, samplers  # noqa: E402
 from sde.inference import load_ema_model, sample_generators, sample_shape  # noqa: E402
 from sde.run_eval import reference_features, sample_quality  # noqa: E402
@@ -249,6 +249,8 @@ def main() -> None:
     for run in runs:
         key = (f"{weights_digest}|{args.num_samples}|{reference.count}|{args.seed}|"
                f"{run['family']}|{run['label']}|{run['steps']}")
+        if run["family"] == "ours":  # defaults filled in: a changed default is a new run
+            key += "|" + settings(run["name"], run["options"], sde)
         if key not in store:
             if run["family"] == "ours":
                 metrics, _ = sample_quality(config, model, sde, device, method=run["name"],

@@ -36,6 +36,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from bench.common import append_to_benchmarks, load_config  # noqa: E402
+from bench.sampler_variants import settings  # noqa: E402
 from sde import data, samplers  # noqa: E402
 from sde.inference import load_ema_model  # noqa: E402
 from sde.run_compare import _plot, parse_run  # noqa: E402
@@ -72,14 +73,6 @@ def plan_runs(names: list[str], nfes: list[int], long_steps: int,
 
 def _label(name: str, steps: int, options: dict) -> str:
     return f"{name}:{steps}" + (":" + ",".join(f"{k}={v}" for k, v in options.items()) if options else "")
-
-
-def settings(name: str, options: dict, sde) -> str:
-    """The sampler's own options with their defaults filled in, as a cache-key part: a run
-    stored before a default changed is not mistaken for one with the new default."""
-    resolved = samplers.resolve_options(name, sde, options)
-    own = {key: resolved[key] for key in samplers.SAMPLERS[name].options}
-    return json.dumps(own, sort_keys=True)
 
 
 def real_floor(config, heldout_split: str, count: int, inception, reference, seed: int) -> dict:

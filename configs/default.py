@@ -89,7 +89,7 @@ def get_default_config() -> ml_collections.ConfigDict:
     options.corrector_norm = placeholder(str)  # pc: sample | batch (norms in the step size)
     options.predictor = placeholder(str)    # pc: ancestral | reverse_diffusion
     options.order = placeholder(int)        # dpm_solver, unipc: 1, 2 or 3; dpm_solver_sde: 1 or 2
-    options.solver_type = placeholder(str)  # dpm_solver_sde: heun | midpoint
+    options.solver_type = placeholder(str)  # dpm_solver_sde: midpoint (default) | heun
     options.lower_order_final = placeholder(bool)  # dpm_solver, unipc: lower order at the end
     options.variant = placeholder(str)      # unipc: bh1 | bh2 (B(h) = h or 1 - e^-h)
     options.corrector = placeholder(bool)   # unipc: the UniC corrector (False: UniP alone)

@@ -250,26 +250,35 @@ def test_unipc_predictor_alone_is_dpm_solver_2m(sde_name, discrete, lower_order_
                                    schedule="log_snr", discrete=discrete, disable=True)
     assert not torch.allclose(corrected, runs[1], atol=1e-4)  # the corrector does change x
 
-# diffusers 0.42.1 UniPCMultistepScheduler (float32 inside), Ho et al.'s betas, 6 "linspace"
-# timesteps 999, 832, 666, 500, 333, 166, exact Gaussian eps, from UNIPC_X_T; "zero" ends at
-# the data, "sigma_min" at the table's first level (t = 0).
-UNIPC_X_T = [[1.0, -0.5], [-1.2, 0.3], [0.2, 2.0], [-0.7, -1.6]]
+# Reference numbers of diffusers 0.42.1 (float32 inside) on Ho et al.'s betas and the 6
+# "linspace" timesteps 999, 832, 666, 500, 333, 166, with exact Gaussian eps, from
+# DIFFUSERS_X_T; "zero" ends at the data, "sigma_min" at the table's first level (t = 0).
+DIFFUSERS_X_T = [[1.0, -0.5], [-1.2, 0.3], [0.2, 2.0], [-0.7, -1.6]]
+DIFFUSERS_TIMESTEPS = [999, 832, 666, 500, 333, 166]
+# UniPCMultistepScheduler.
 UNIPC_DIFFUSERS = [
     ({"order": 3, "variant": "bh2"}, "zero",
      [[0.813237, -0.33195], [0.12192, -0.280634], [0.561849, -0.171588], [0.279037, -0.402509]]),
     ({"order": 2, "variant": "bh1"}, "sigma_min",
      [[0.827268, -0.336794], [0.104929, -0.277674], [0.564599, -0.152046], [0.269097, -0.418083]]),
 ]
+# DPMSolverMultistepScheduler(algorithm_type="sde-dpmsolver++", solver_order=2), "zero", with
+# its variance_noise at step k given as ``pseudo_noise(k)``.
+SDE_DPM_DIFFUSERS = [
+    ("midpoint", [[0.317862, -0.322622], [0.518264, -0.248197], [0.678835, -0.290325],
+                  [0.432705, -0.354495]]),
+    ("heun", [[0.32072, -0.322869], [0.509235, -0.248499], [0.678304, -0.290001],
+              [0.441871, -0.354276]]),
+]
 
 
-@pytest.mark.parametrize("options,final,expected", UNIPC_DIFFUSERS)
-def test_unipc_matches_diffusers_reference_numbers(options, final, expected):
-    """The whole UniP/UniC recursion against an independent implementation, on its levels."""
-    from sde.samplers.common import Denoiser, NoiseGrid, NoiseSource
-    from sde.samplers.unipc import unipc
+def diffusers_problem(final: str):
+    """The grid of the diffusers reference runs and the exact eps of N([0.5, -0.3], diag([0.5,
+    0.2])^2) data on it (a lookup by level: the network is called at the grid's t only)."""
+    from sde.samplers.common import Denoiser, NoiseGrid
     betas = torch.linspace(0.1 / 1000, 20 / 1000, 1000, dtype=torch.float64)
     alphas_cumprod = torch.cumprod(1 - betas, 0)
-    steps = [999, 832, 666, 500, 333, 166] + ([0] if final == "sigma_min" else [])
+    steps = DIFFUSERS_TIMESTEPS + ([0] if final == "sigma_min" else [])
     alpha, sigma = alphas_cumprod[steps].sqrt(), (1 - alphas_cumprod[steps]).sqrt()
     grid = NoiseGrid(torch.tensor(steps, dtype=torch.float64), alpha, sigma)
     grid = grid.with_data() if final == "zero" else grid
@@ -281,9 +290,52 @@ def test_unipc_matches_diffusers_reference_numbers(options, final, expected):
         a, s = levels[float(t[0])]
         return s * (x - a * mean) / (a ** 2 * std ** 2 + s ** 2)
 
-    x_T = torch.tensor(UNIPC_X_T, dtype=torch.float64)
-    x = unipc(Denoiser(exact_eps, torch.float64), x_T, grid, sde=None, disable=True,
+    return grid, Denoiser(exact_eps, torch.float64)
+
+
+@pytest.mark.parametrize("options,final,expected", UNIPC_DIFFUSERS)
+def test_unipc_matches_diffusers_reference_numbers(options, final, expected):
+    """The whole UniP/UniC recursion against an independent implementation, on its levels."""
+    from sde.samplers.common import NoiseSource
+    from sde.samplers.unipc import unipc
+    grid, denoiser = diffusers_problem(final)
+    x_T = torch.tensor(DIFFUSERS_X_T, dtype=torch.float64)
+    x = unipc(denoiser, x_T, grid, sde=None, disable=True,
               noise=NoiseSource(None, 4, torch.device("cpu"), torch.float64), **options)
+    assert torch.allclose(x, torch.tensor(expected, dtype=torch.float64), atol=1e-5, rtol=0)
+
+
+def pseudo_noise(k: int) -> torch.Tensor:
+    """Deterministic stand-in for the k-th noise draw (the recursion's algebra is what is
+    checked, so it need not be Gaussian): 1.3 sin(2.3 (k + 1) + 1.7 i + 0.9 j)."""
+    i = torch.arange(4, dtype=torch.float64)[:, None]
+    j = torch.arange(2, dtype=torch.float64)[None]
+    return 1.3 * torch.sin(2.3 * (k + 1) + 1.7 * i + 0.9 * j)
+
+
+class PresetNoise:
+    """A NoiseSource whose k-th ``randn`` is ``pseudo_noise(k)``."""
+
+    def __init__(self):
+        self.draws = 0
+
+    def randn(self, shape):
+        z = pseudo_noise(self.draws)
+        assert tuple(z.shape) == tuple(shape)
+        self.draws += 1
+        return z
+
+
+@pytest.mark.parametrize("solver_type,expected", SDE_DPM_DIFFUSERS)
+def test_dpm_solver_sde_matches_diffusers_reference_numbers(solver_type, expected):
+    """SDE-DPM-Solver++ 2M, both weightings, against diffusers' sde-dpmsolver++ with the same
+    noise: x_T, five noisy steps and the final update to the data (which draws none)."""
+    from sde.samplers.dpm_solver import dpm_solver_sde
+    grid, denoiser = diffusers_problem("zero")
+    noise = PresetNoise()
+    x = dpm_solver_sde(denoiser, torch.tensor(DIFFUSERS_X_T, dtype=torch.float64), grid,
+                       sde=None, noise=noise, disable=True, solver_type=solver_type)
+    assert noise.draws == len(DIFFUSERS_TIMESTEPS) - 1
     assert torch.allclose(x, torch.tensor(expected, dtype=torch.float64), atol=1e-5, rtol=0)
 
 
@@ -480,7 +532,7 @@ BAD_CALLS = [
     ("dpm_solver_sde", {"eta": -0.5}, VPSDE, r"eta must be a finite number >= 0"),
     ("dpm_solver_sde", {"eta": float("inf")}, VPSDE, r"eta must be a finite number >= 0"),
     ("dpm_solver_sde", {"eta": "1"}, VPSDE, r"eta must be a finite number >= 0.*got '1'"),
-    ("dpm_solver_sde", {"solver_type": "euler"}, VPSDE, "unknown solver_type 'euler'; accepted: heun"),
+    ("dpm_solver_sde", {"solver_type": "euler"}, VPSDE, "unknown solver_type 'euler'; accepted: midpoint, heun"),
     ("unipc", {"order": 4}, VPSDE, r"order must be one of \(1, 2, 3\)"),
     ("unipc", {"variant": "bh3"}, VPSDE, "unknown variant 'bh3'; accepted: bh1, bh2"),
     ("heun", {"schedule": "cosine"}, VPSDE, "unknown schedule 'cosine'; accepted: uniform"),
@@ -612,7 +664,7 @@ DISTRIBUTION_CASES = {
     "dpm_solver_sde": ({}, 100),
     "dpm_solver_sde eta=0": ({"eta": 0.0}, 50),
     "dpm_solver_sde eta=3": ({"eta": 3.0}, 100),
-    "dpm_solver_sde midpoint": ({"solver_type": "midpoint"}, 100),
+    "dpm_solver_sde heun": ({"solver_type": "heun"}, 100),
     "unipc": ({}, 50),
     "heun": ({}, 50),
 }

@@ -63,21 +63,27 @@ gives
             (eta = 1: DDIM with eta = 1, the ancestral step with the posterior variance;
             eta = 0: DDIM with eta = 0; in between the two families differ, DDIM's noise
             being eta sigma_t sqrt(1 - e^{-2h}))
-  order 2   ... + alpha_t (1 - c / ((1 + eta) h)) (D0 - D1) / r0            ("2M SDE")
+  order 2   ... + alpha_t w (D0 - D1) / r0                                  ("2M SDE")
 
-(the exact integral of the linear interpolation, ``solver_type="heun"`` as k-diffusion calls
-it, whose ``eta`` is this one). ``solver_type="midpoint"``, the default of k-diffusion's
-``sample_dpmpp_2m_sde`` and of diffusers' ``sde-dpmsolver++``, uses c / 2 instead of
-1 - c / ((1 + eta) h): both are (1 + eta) h / 2 + O(h^2), so on the O(h) difference D0 - D1
-they differ by O(h^3) per step and the method keeps its order, but they part at the large
-log-SNR steps of a 10-step grid. For exact x0_hat = x0 the step maps alpha_s x0 + sigma_s z to
-alpha_t x0 + sigma_t z' for every eta: the mean coefficient is e^{-(1 + eta) h} + c = 1 and
-the variance e^{-2 eta h} + (1 - e^{-2 eta h}) = 1. The update to the data (h = +inf) is
-first order, x_t = D0. Measured weak order on Gaussian data (eta = 1): 0.91 (order 1) and
-2.34 (order 2) (tests/test_samplers.py). On the released MNIST model at 10 NFE (FID,
-BENCHMARKS.md) eta = 1 is the best of 0.5 / 1 / 2 (14.28 / 14.07 / 15.34); the weighting
-matters more (``solver_type="midpoint"`` 12.32, on Karras levels 12.11, as diffusers' 12.32),
-and where the grid ends most: ``eps=0.02`` instead of 1e-3 gives 11.27 (midpoint 11.24).
+with one of two weights w of the backward difference, both (1 + eta) h / 2 + O(h^2), so on
+the O(h) difference they differ by O(h^3) per step and the method keeps its order; they part
+at the large log-SNR steps of a 10-step grid (eta = 1, h = 1: 0.43 against 0.57):
+
+  solver_type="midpoint" (default)  w = c / 2, the weighting of k-diffusion's
+      ``sample_dpmpp_2m_sde`` and of diffusers' ``sde-dpmsolver++``, the default of both;
+  solver_type="heun"                w = 1 - c / ((1 + eta) h), the exact integral of the
+      linear interpolation (k-diffusion's name for it; its ``eta`` is this one).
+
+For exact x0_hat = x0 the step maps alpha_s x0 + sigma_s z to alpha_t x0 + sigma_t z' for
+every eta: the mean coefficient is e^{-(1 + eta) h} + c = 1 and the variance
+e^{-2 eta h} + (1 - e^{-2 eta h}) = 1. The update to the data (h = +inf) is first order,
+x_t = D0. Checks (tests/test_samplers.py): weak order on Gaussian data (eta = 1) 0.91 for
+order 1, 2.34 for heun and 2.64 for midpoint; both weightings give diffusers 0.42.1's
+sde-dpmsolver++ draws to 1e-7 on its levels with the same noise (kept as reference numbers).
+On the released MNIST model (FID of 1,000 samples, BENCHMARKS.md) midpoint scores 12.32 /
+11.36 / 10.77 at 10 / 20 / 50 NFE against heun's 14.07 / 12.02 / 10.82, hence the default.
+At 10 NFE (heun) eta = 1 is the best of 0.5 / 1 / 2 (14.28 / 14.07 / 15.34), and where the
+grid ends matters most: ``eps=0.02`` instead of 1e-3 gives 11.27 (midpoint 11.24).
 """
 from __future__ import annotations
 
@@ -94,7 +100,7 @@ ORDERS = (1, 2, 3)
 #: Orders of ``dpm_solver_sde`` (one backward difference: no third order derived here).
 SDE_ORDERS = (1, 2)
 #: How ``dpm_solver_sde`` weights its backward difference (see the module docstring).
-SDE_SOLVER_TYPES = ("heun", "midpoint")
+SDE_SOLVER_TYPES = ("midpoint", "heun")
 
 
 def check_options(options: dict, sde, given: set, orders: tuple[int, ...] = ORDERS) -> None:
@@ -155,7 +161,7 @@ def dpm_solver(model: Denoiser, x: Tensor, grid: NoiseGrid, *, sde, noise: Noise
 
 def dpm_solver_sde(model: Denoiser, x: Tensor, grid: NoiseGrid, *, sde, noise: NoiseSource,
                    callback: Callback | None = None, disable: bool = False, order: int = 2,
-                   eta: float = 1.0, solver_type: str = "heun") -> Tensor:
+                   eta: float = 1.0, solver_type: str = "midpoint") -> Tensor:
     """SDE-DPM-Solver++ (Lu et al. 2022, App. B), orders 1 and 2M, with the diffusion fraction
     ``eta`` of the reverse-SDE family; see the module docstring."""
     log_snr = grid.log_snr.tolist()

@@ -112,7 +112,7 @@ SAMPLERS: dict[str, SamplerSpec] = {
                               {"order": 2, "lower_order_final": True, "discrete": False},
                               dpm_solver_module.check_options, _first_order_nfe, grid="option"),
     "dpm_solver_sde": SamplerSpec(dpm_solver_module.dpm_solver_sde,
-                                  {"order": 2, "eta": 1.0, "solver_type": "heun", "discrete": False},
+                                  {"order": 2, "eta": 1.0, "solver_type": "midpoint", "discrete": False},
                                   dpm_solver_module.check_sde_options, _first_order_nfe,
                                   grid="option", stochastic=lambda options: options["eta"] > 0),
     "unipc": SamplerSpec(unipc_module.unipc,
