@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from sde import data, distributed, images, likelihood
+from sde import data, distributed, images, likelihood, samplers
 from sde.configuration import sampler_options
 from sde.inference import load_ema_model, sample_shape
 from sde.losses import LossConfig, make_loss_fn
@@ -98,6 +98,7 @@ def sample_quality(config, model, sde, device, *, method: str, steps: int, optio
     if classifier is not None:
         classifier.load_arrays(distributed.all_reduce_arrays(classifier.to_arrays()))
     metrics = {"sampler": method, "steps": steps, "options": options,
+               "resolved_options": samplers.reported_options(method, sde, options),
                "nfe": int(distributed.sum_over_ranks(batch_nfe)[-1]),  # the last batch's, as sampled
                "num_samples": num_samples, "processes": shard[1], "sampling_time_s": sampling_time,
                "wall_time_s": time.perf_counter() - start}

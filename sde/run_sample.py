@@ -2,7 +2,8 @@
 
 Writes into ``workdir/samples/`` (``<name>`` = ``<method>_<steps>steps_seed<seed>``):
 ``<name>.png`` (grid of the first 100), ``<name>.npz`` (``images``: uint8 [N, C, H, W];
-toy data: ``points`` float32 [N, 2]), ``<name>.json`` (sampler, options, steps, NFE, seed,
+toy data: ``points`` float32 [N, 2]), ``<name>.json`` (sampler, the options given and every
+setting resolved (``resolved_options``), steps, NFE, seed,
 wall time, checkpoint), and with ``sampling.save_trajectory`` ``<name>_trajectory.png``:
 rows of x_T -> x_0 for a few samples, then rows of the forward noising of real images at
 the same times.
@@ -199,7 +200,8 @@ def sample(config, workdir: str | Path) -> dict[str, Any]:
         if cfg.save_trajectory:
             images.save_png(_trajectory(config, model, sde, context.device, options),
                             samples_dir / f"{name}_trajectory.png")
-    record = {"sampler": cfg.method, "options": options, "steps": cfg.steps,
+    record = {"sampler": cfg.method, "options": options,
+              "resolved_options": samplers.reported_options(cfg.method, sde, options), "steps": cfg.steps,
               "nfe_per_sample": nfe, "num_samples": cfg.num_samples, "seed": cfg.seed,
               "wall_time_s": wall_time, "processes": context.world_size,
               "checkpoint": source, "checkpoint_step": step, "sde": repr(sde),

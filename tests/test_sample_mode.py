@@ -28,6 +28,9 @@ def test_sample_mode_writes_grid_npz_and_json(tiny_run):
     saved = json.loads((workdir / "samples" / f"{name}.json").read_text())
     assert saved["nfe_per_sample"] == record["nfe_per_sample"] == samplers.nfe_for_steps("ddim", 5)
     assert saved["seed"] == 0 and saved["wall_time_s"] > 0 and saved["sampler"] == "ddim"
+    # every setting it ran with, defaults included, so a later default change cannot alter it
+    assert saved["resolved_options"] == {**samplers.reported_options("ddim", None, {}), **saved["options"]}
+    assert saved["resolved_options"]["eta"] == 0.0 and saved["resolved_options"]["eps"] == 1e-3
 
 
 def test_image_k_does_not_depend_on_the_batch_size(tiny_run):

@@ -6,8 +6,8 @@
     info["nfe"]  # network evaluations, counted
 """
 from sde.samplers.registry import (SAMPLERS, available, is_stochastic, nfe_for_steps,
-                                   resolve_options, sample, steps_for_nfe)
+                                   reported_options, resolve_options, sample, steps_for_nfe)
 from sde.samplers.schedules import SCHEDULES
 
 __all__ = ["SAMPLERS", "SCHEDULES", "available", "is_stochastic", "nfe_for_steps",
-           "resolve_options", "sample", "steps_for_nfe"]
+           "reported_options", "resolve_options", "sample", "steps_for_nfe"]

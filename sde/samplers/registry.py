@@ -50,8 +50,8 @@ COMMON_OPTIONS: dict[str, Any] = {
     "eps": DEFAULT_EPS, "denoise": True, "clip_x0": False, "schedule": None,
     "callback": None, "disable": False, "x_T": None,
 }
-#: Options not reported in ``info["options"]`` (objects, not settings).
-UNREPORTED = ("callback", "x_T")
+#: Options not reported in ``info["options"]`` (objects and the progress bar, not settings).
+UNREPORTED = ("callback", "x_T", "disable")
 #: Sampler options that shape the grid rather than being passed to the sampler function.
 GRID_OPTIONS = ("discrete", "spacing")
 
@@ -160,6 +160,14 @@ def resolve_options(name: str, sde, options: dict[str, Any]) -> dict[str, Any]:
         resolved["schedule"] = SCHEDULE_DEFAULTS[name]
     check_schedule(resolved["schedule"])
     return resolved
+
+
+def reported_options(name: str, sde, options: dict[str, Any]) -> dict[str, Any]:
+    """Every setting ``sample`` would run ``name`` with (``resolve_options`` without the
+    objects of ``UNREPORTED``): what a record should hold, so that a later change of a default
+    cannot change what it says was run. This is also ``info["options"]``."""
+    return {key: value for key, value in resolve_options(name, sde, options).items()
+            if key not in UNREPORTED}
 
 
 def nfe_for_steps(name: str, steps: int, **options) -> int | None:
