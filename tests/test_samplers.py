@@ -233,6 +233,24 @@ def test_dpm_solver_order_one_is_ddim(sde_name, discrete, name, own, equal_to):
     assert torch.allclose(runs[0], runs[1], atol=1e-10, rtol=1e-10)
 
 
+@pytest.mark.parametrize("sde_name", SDES)
+@pytest.mark.parametrize("discrete", [False, True])
+def test_dpm_solver_sde_midpoint_without_diffusion_is_dpm_solver_2m(sde_name, discrete):
+    """At eta = 0 the midpoint weight c / 2 with c = 1 - e^{-h} is DPM-Solver++ 2M's: the two
+    samplers give the same x (dpm_solver with every update of order 2 where it can be)."""
+    sde = SDES[sde_name]()
+    x_T = prior(sde, 6)
+    runs = [samplers.sample(method, mixture(sde), sde, x_T.shape, steps=12, x_T=x_T,
+                            schedule="log_snr", discrete=discrete, disable=True, **options)[0]
+            for method, options in [("dpm_solver_sde", {"eta": 0.0}),
+                                    ("dpm_solver", {"lower_order_final": False})]]
+    assert torch.allclose(runs[0], runs[1], atol=1e-10, rtol=1e-10)
+    heun, _ = samplers.sample("dpm_solver_sde", mixture(sde), sde, x_T.shape, steps=12, x_T=x_T,
+                              schedule="log_snr", discrete=discrete, disable=True, eta=0.0,
+                              solver_type="heun")
+    assert not torch.allclose(heun, runs[1], atol=1e-4)  # the other weighting differs
+
+
 
 @pytest.mark.parametrize("sde_name", SDES)
 @pytest.mark.parametrize("discrete", [False, True])
@@ -590,7 +608,8 @@ ORDER_CASES = [  # (sampler, options, expected order, accepted slope range); mea
     ("unipc", {"order": 3, "lower_order_final": False}, 4, (3.3, 4.3)),
     # without the corrector UniP-p is of order p (2.02: UniP-2 is DPM-Solver++ 2M)
     ("unipc", {"order": 2, "corrector": False, "lower_order_final": False}, 2, (1.9, 2.3)),
-    # SDE-DPM-Solver++ 2M without diffusion (eta = 0) integrates the ODE: order 2 (2.04)
+    # SDE-DPM-Solver++ 2M without diffusion (eta = 0, midpoint: DPM-Solver++ 2M) integrates
+    # the ODE: order 2 (2.02; heun weighting, the default until session 11: 2.04)
     ("dpm_solver_sde", {"eta": 0.0}, 2, (1.9, 2.3)),
 ]
 

@@ -71,6 +71,7 @@ at the large log-SNR steps of a 10-step grid (eta = 1, h = 1: 0.43 against 0.57)
 
   solver_type="midpoint" (default)  w = c / 2, the weighting of k-diffusion's
       ``sample_dpmpp_2m_sde`` and of diffusers' ``sde-dpmsolver++``, the default of both;
+      at eta = 0 it is DPM-Solver++ 2M (``dpm_solver``) exactly;
   solver_type="heun"                w = 1 - c / ((1 + eta) h), the exact integral of the
       linear interpolation (k-diffusion's name for it; its ``eta`` is this one).
 
