@@ -34,7 +34,7 @@ training images (``sde.run_eval.reference_features``, cached in ``--workdir``/ev
 the table and FID(our best at 10 NFE) / FID(their best at 10 NFE) (goal <= 0.9), over all
 samplers run and over the deterministic (probability-flow ODE) samplers of both sides, and
 appends them to BENCHMARKS.md. Finished runs are kept in ``--out``/runs.json, keyed by their
-settings (ours with every sampler option resolved), so an interrupted benchmark resumes.
+settings (ours with every option that changes the samples resolved), so an interrupted benchmark resumes.
 """
 from __future__ import annotations
 

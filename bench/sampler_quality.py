@@ -20,7 +20,8 @@ FID-vs-NFE plot of every run measured on these weights (``fid_vs_nfe_<weights di
 and appends the table to BENCHMARKS.md.
 
 Each finished run is stored in ``--out/runs.json`` keyed by its settings (the sampler's
-options with their defaults resolved), so an interrupted benchmark resumes where it stopped.
+own options and eps, denoise, clip_x0 and schedule, with their defaults resolved), so an
+interrupted benchmark resumes where it stopped.
 """
 from __future__ import annotations
 

@@ -30,9 +30,15 @@ def variant_label(name: str, options: dict) -> str:
     return name + (" (" + ", ".join(f"{k}={v}" for k, v in options.items()) + ")" if options else "")
 
 
+#: The common options that change what a sampler computes (``COMMON_OPTIONS`` without the
+#: objects and the progress bar), part of every cache key beside the sampler's own options.
+KEYED_COMMON_OPTIONS = ("eps", "denoise", "clip_x0", "schedule")
+
+
 def settings(name: str, options: dict, sde) -> str:
-    """The sampler's own options with their defaults filled in, as a cache-key part: a run
-    stored before a default changed is not mistaken for one with the new default."""
+    """Every setting of a run with the defaults filled in (the sampler's own options and
+    ``KEYED_COMMON_OPTIONS``), as a cache-key part: a run stored before a default changed is
+    not mistaken for one with the new default."""
     resolved = samplers.resolve_options(name, sde, options)
-    own = {key: resolved[key] for key in samplers.SAMPLERS[name].options}
-    return json.dumps(own, sort_keys=True)
+    keyed = list(samplers.SAMPLERS[name].options) + list(KEYED_COMMON_OPTIONS)
+    return json.dumps({key: resolved[key] for key in keyed}, sort_keys=True)
