@@ -6,6 +6,7 @@ import pytest
 
 from sde import samplers
 from sde.run_sample import sample
+from sde.sdes import create_sde
 
 
 def run_sample(config, workdir, method, steps, **overrides):
@@ -29,7 +30,8 @@ def test_sample_mode_writes_grid_npz_and_json(tiny_run):
     assert saved["nfe_per_sample"] == record["nfe_per_sample"] == samplers.nfe_for_steps("ddim", 5)
     assert saved["seed"] == 0 and saved["wall_time_s"] > 0 and saved["sampler"] == "ddim"
     # every setting it ran with, defaults included, so a later default change cannot alter it
-    assert saved["resolved_options"] == {**samplers.reported_options("ddim", None, {}), **saved["options"]}
+    defaults = samplers.reported_options("ddim", create_sde(config), {})
+    assert saved["resolved_options"] == {**defaults, **saved["options"]}
     assert saved["resolved_options"]["eta"] == 0.0 and saved["resolved_options"]["eps"] == 1e-3
 
 
