@@ -5,6 +5,7 @@ import datetime
 import importlib.util
 import os
 import platform
+import sys
 from pathlib import Path
 from typing import Sequence
 
@@ -36,6 +37,13 @@ def machine_line() -> str:
     """Date, CPU, core count, torch version and threads: what a benchmark figure depends on."""
     return (f"{datetime.date.today().isoformat()}; {cpu_model()} ({os.cpu_count()} cores, "
             f"{platform.machine()}); torch {torch.__version__}, {torch.get_num_threads()} threads")
+
+
+def command_line() -> str:
+    """How this benchmark was invoked, for its BENCHMARKS.md section: ``python bench/<script>.py
+    <arguments>`` (the script's path relative to the repository)."""
+    script = Path(sys.argv[0]).resolve().relative_to(REPO)
+    return " ".join(["python", str(script)] + sys.argv[1:])
 
 
 def append_to_benchmarks(title: str, command: str, body: str, images: Sequence[Path] = ()) -> None:

@@ -25,7 +25,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from bench.common import append_to_benchmarks, load_config  # noqa: E402
+from bench.common import append_to_benchmarks, command_line, load_config  # noqa: E402
 from sde import data, likelihood  # noqa: E402
 from sde.inference import load_ema_model  # noqa: E402
 from sde.sdes import create_sde  # noqa: E402
@@ -91,7 +91,7 @@ def main() -> None:
     table = "\n".join(lines)
     print(table)
     if not args.no_append:
-        command = "python bench/dequantization.py " + " ".join(sys.argv[1:])
+        command = command_line()
         append_to_benchmarks("Bits/dim: uniform vs truncated-normal dequantization", command, table)
 
 

@@ -36,9 +36,9 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from bench import peers  # noqa: E402
-from bench.common import append_to_benchmarks  # noqa: E402
+from bench.common import append_to_benchmarks, command_line  # noqa: E402
+from sde.sdes import VPSDE  # noqa: E402
 
-N = 1000
 MEAN, STD = 0.5, 0.5
 
 
@@ -90,7 +90,7 @@ def main() -> None:
     if args.samples < 2:
         parser.error("--samples must be >= 2")
     diffusers = peers.require_diffusers()
-    betas = torch.linspace(0.1 / N, 20 / N, N, dtype=torch.float64).numpy()  # Ho et al.'s
+    sde = VPSDE()  # its DDPM table: Ho et al.'s linspace(1e-4, 0.02, 1000)
     variants = {"order 2": (diffusers.DPMSolverMultistepScheduler, 2),
                 "order 3, as shipped": (diffusers.DPMSolverMultistepScheduler, 3),
                 "order 3, sign-fixed": (sign_fixed_scheduler_class(diffusers), 3)}
@@ -98,7 +98,8 @@ def main() -> None:
     for steps in args.steps:
         errors = []
         for cls, order in variants.values():
-            scheduler = cls(num_train_timesteps=N, trained_betas=betas, solver_order=order,
+            scheduler = cls(num_train_timesteps=sde.N, trained_betas=sde.betas.numpy(),
+                            solver_order=order,
                             algorithm_type="sde-dpmsolver++", prediction_type="epsilon",
                             timestep_spacing="linspace")
             errors.append(std_error(scheduler, steps, args.samples, args.seed))
@@ -112,7 +113,7 @@ def main() -> None:
          f"seed {args.seed}.", ""] + lines)
     print(table)
     if not args.no_append:
-        command = "python bench/diffusers_sde_order3.py " + " ".join(sys.argv[1:])
+        command = command_line()
         append_to_benchmarks("diffusers' third-order SDE-DPM-Solver++ on Gaussian data", command, table)
 
 

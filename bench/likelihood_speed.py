@@ -37,7 +37,7 @@ from scipy.integrate import solve_ivp
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.common import append_to_benchmarks  # noqa: E402
+from bench.common import append_to_benchmarks, command_line  # noqa: E402
 from sde import likelihood  # noqa: E402
 from sde.data import EmbeddedMNISTWarning, evaluation_subset, load_dataset, uint8_to_float  # noqa: E402
 from sde.inference import load_ema_model  # noqa: E402
@@ -269,7 +269,7 @@ def main() -> None:
                              f"{args.rounds} interleaved rounds; per round {round_ratios}) = {speedup:.2f}x "
                              f"(target >= {TARGET_SPEEDUP:g}x within {TARGET_ERROR_BPD} bits/dim: "
                              f"{'met' if verdict == 'meets' else 'not met'}).", "", "Error against cost:", ""]
-        command = "python bench/likelihood_speed.py " + " ".join(sys.argv[1:])
+        command = command_line()
         append_to_benchmarks("Likelihood speed (probability-flow ODE bits/dim)", command,
                              "\n".join(side_by_side + lines))
     if args.output:

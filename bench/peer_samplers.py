@@ -51,7 +51,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from bench import peers  # noqa: E402
-from bench.common import append_to_benchmarks, load_config  # noqa: E402
+from bench.common import append_to_benchmarks, command_line, load_config  # noqa: E402
 from bench.sampler_variants import sampler_variants, settings, variant_label  # noqa: E402
 from sde import data, samplers  # noqa: E402
 from sde.inference import load_ema_model, sample_generators, sample_shape  # noqa: E402
@@ -282,7 +282,7 @@ def main() -> None:
                       summarize(results, args.nfe))
     print(table)
     if not args.no_append:
-        command = "python bench/peer_samplers.py " + " ".join(sys.argv[1:])
+        command = command_line()
         append_to_benchmarks("Our samplers vs diffusers' schedulers on the same weights", command, table)
 
 

@@ -36,7 +36,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from bench.common import append_to_benchmarks, load_config  # noqa: E402
+from bench.common import append_to_benchmarks, command_line, load_config  # noqa: E402
 from bench.sampler_variants import settings  # noqa: E402
 from sde import data, samplers  # noqa: E402
 from sde.inference import load_ema_model  # noqa: E402
@@ -242,7 +242,7 @@ def main() -> None:
     plot = out / f"fid_vs_nfe_{weights_digest}.png"  # one plot per weights: older ones stay
     _plot(measured_ladder(store, prefix, sde), plot)
     if not args.no_append:
-        command = "python bench/sampler_quality.py " + " ".join(sys.argv[1:])
+        command = command_line()
         append_to_benchmarks("Sampler quality on the released model", command, table,
                              images=[plot])
 

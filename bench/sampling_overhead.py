@@ -31,7 +31,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from bench.common import append_to_benchmarks, load_config  # noqa: E402
+from bench.common import append_to_benchmarks, command_line, load_config  # noqa: E402
 from bench.peers import CountedModel  # noqa: E402
 from bench.sampler_variants import sampler_variants, variant_label  # noqa: E402
 from sde import samplers  # noqa: E402
@@ -165,7 +165,7 @@ def main() -> None:
     table = "\n".join(lines)
     print(table)
     if not args.no_append:
-        command = "python bench/sampling_overhead.py " + " ".join(sys.argv[1:])
+        command = command_line()
         append_to_benchmarks("Sampler overhead over bare network evaluations", command, table)
 
 

@@ -34,7 +34,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from bench.common import append_to_benchmarks, load_config  # noqa: E402
+from bench.common import append_to_benchmarks, command_line, load_config  # noqa: E402
 from bench.peers import matched_unet, require_diffusers  # noqa: E402
 from sde.losses import LossConfig, make_loss_fn  # noqa: E402
 from sde.models import count_parameters, create_model  # noqa: E402
@@ -169,7 +169,7 @@ def main() -> None:
     table = "\n".join(lines)
     print(table)
     if not args.no_append:
-        command = "python bench/train_throughput.py " + " ".join(sys.argv[1:])
+        command = command_line()
         append_to_benchmarks("Training throughput: our U-Net vs diffusers UNet2DModel", command, table)
 
 

@@ -166,8 +166,11 @@ def reported_options(name: str, sde, options: dict[str, Any]) -> dict[str, Any]:
     """Every setting ``sample`` would run ``name`` with (``resolve_options`` without the
     objects of ``UNREPORTED``): what a record should hold, so that a later change of a default
     cannot change what it says was run. This is also ``info["options"]``."""
-    return {key: value for key, value in resolve_options(name, sde, options).items()
-            if key not in UNREPORTED}
+    return _reported(resolve_options(name, sde, options))
+
+
+def _reported(resolved: dict[str, Any]) -> dict[str, Any]:
+    return {key: value for key, value in resolved.items() if key not in UNREPORTED}
 
 
 def nfe_for_steps(name: str, steps: int, **options) -> int | None:
@@ -253,6 +256,6 @@ def sample(name: str, model: Callable[[Tensor, Tensor], Tensor], sde, shape: Seq
         "nfe": denoiser.nfe,
         "steps": steps,
         "t": grid.t.tolist(),
-        "options": {key: value for key, value in resolved.items() if key not in UNREPORTED},
+        "options": _reported(resolved),
     }
     return x.to(dtype), info
