@@ -1,6 +1,6 @@
 """Entry point: ``python main.py --config configs/mnist_vp.py --mode train [--workdir W]``.
 
-Modes: train, sample, eval, compare, export (one run function each). Any config key can be
+Modes: train, sample, eval, compare, export, align_steps (one run function each). Any config key can be
 overridden on the command line, e.g. ``--config.training.n_iters=200``. A bad config or
 input -- including a bad flag or an override of a key the config does not have -- ends
 the run with one line on stderr and exit code 2, before any expensive work.
@@ -15,7 +15,7 @@ from ml_collections import ConfigDict, config_flags
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Path to a config file (configs/*.py).", lock_config=True)
-flags.DEFINE_enum("mode", "train", ["train", "sample", "eval", "compare", "export"], "What to run.")
+flags.DEFINE_enum("mode", "train", ["train", "sample", "eval", "compare", "export", "align_steps"], "What to run.")
 flags.DEFINE_string("workdir", None, "Run directory (default: runs/<config file name>).")
 flags.mark_flag_as_required("config")
 

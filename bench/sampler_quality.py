@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -109,7 +110,9 @@ def measured_ladder(store: dict, prefix: str, sde) -> list[dict]:
             continue  # a sampler since removed
         if not option_text and stored_settings != settings(name, {}, sde):
             continue  # made with defaults that have changed since
-        series = f"{name} ({option_text[0]})" if option_text else name
+        # a schedule file is named by its file name alone, so that the legend stays readable
+        shown = re.sub(r"schedule=[^,]*/", "schedule=", option_text[0]) if option_text else ""
+        series = f"{name} ({shown})" if option_text else name
         rows.append({"sampler": series, "nfe": metrics["nfe"], "fid": metrics["fid"]})
     return rows
 
@@ -170,7 +173,7 @@ def main() -> None:
         try:
             name, steps, options = parse_run(entry)
             samplers.nfe_for_steps(name, steps, **options)  # unknown sampler or option, bad steps
-            samplers.resolve_options(name, sde, options)
+            samplers.resolve_options(name, sde, options, steps)
         except ValueError as error:
             parser.error(f"--runs {entry!r}: {error}")
         extra_runs.append((name, steps, options))

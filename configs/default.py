@@ -106,6 +106,12 @@ def get_default_config() -> ml_collections.ConfigDict:
     evaluation.bpd_dequantization = "uniform"  # or "truncated_normal" (sde/likelihood.py)
     evaluation.bpd_truncation = 2.0  # tau of truncated-normal dequantization
 
+    # --mode align_steps: Adam on Align Your Steps' KL bound (sde/samplers/align_steps.py).
+    config.align_steps = align = ml_collections.ConfigDict()
+    align.iterations = 300
+    align.batch_size = 16      # draws per step per iteration (2 network evaluations each)
+    align.learning_rate = 0.1  # on the logits of the steps' widths in log noise level
+
     config.compare = compare = ml_collections.ConfigDict()
     compare.runs = ("ancestral:10", "ddim:10", "dpm_solver:10", "heun:6", "ddim:50")
     compare.num_samples = 500

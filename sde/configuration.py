@@ -65,6 +65,13 @@ def validate(config, mode: str) -> None:
                  "training.likelihood_weighting needs training.continuous=True")
         _require(training.continuous or config.sde.name == "vp",
                  f"training.continuous=False (DDPM) needs sde.name='vp', got {config.sde.name!r}")
+    if mode == "align_steps":
+        _positive_int(config.align_steps.iterations, "align_steps.iterations")
+        _positive_int(config.align_steps.batch_size, "align_steps.batch_size")
+        _require(config.align_steps.learning_rate > 0,
+                 f"align_steps.learning_rate must be > 0, got {config.align_steps.learning_rate}")
+        _require(config.sampling.steps >= 3,
+                 f"align_steps needs sampling.steps >= 3 (the ends stay fixed), got {config.sampling.steps}")
     if mode == "eval":
         from sde import likelihood
         from sde.sdes import create_sde
@@ -95,9 +102,9 @@ def validate(config, mode: str) -> None:
 
         sde = create_sde(config)
         try:
-            samplers.resolve_options(sampling.method, sde, options)
-        except ValueError as error:
-            raise ValueError(f"sampling.options: {error}") from error
+            samplers.resolve_options(sampling.method, sde, options, sampling.steps)
+        except (ValueError, FileNotFoundError) as error:
+            raise type(error)(f"sampling.options: {error}") from error
 
 
 def run_mode(mode: str, config, workdir: str) -> dict[str, Any] | None:
@@ -129,4 +136,8 @@ def run_mode(mode: str, config, workdir: str) -> dict[str, Any] | None:
         from sde.run_export import export
 
         return export(config, workdir)
-    raise ValueError(f"unknown mode {mode!r}; accepted: train, sample, eval, compare, export")
+    if mode == "align_steps":
+        from sde.run_align_steps import align
+
+        return align(config, workdir)
+    raise ValueError(f"unknown mode {mode!r}; accepted: train, sample, eval, compare, export, align_steps")

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import csv
 import io
+import math
 from pathlib import Path
 from typing import Any
 
@@ -64,7 +65,7 @@ def validate_runs(config) -> list[tuple[str, int, dict[str, Any]]]:
                              f"{', '.join(samplers.available())}")
         if steps < 1:
             raise ValueError(f"compare.runs: {method}:{steps} needs steps >= 1")
-        samplers.resolve_options(method, sde, options)
+        samplers.resolve_options(method, sde, options, steps)
     return runs
 
 
@@ -85,21 +86,31 @@ def markdown_table(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines) + "\n"
 
 
+#: Series whose legend fits beside the plot; more go below it.
+LEGEND_BESIDE_MAX = 12
+
+
 def _plot(rows: list[dict[str, Any]], path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    figure, axis = plt.subplots(figsize=(7.5, 4), dpi=120)
+    series = sorted({row["sampler"] for row in rows})
+    crowded = len(series) > LEGEND_BESIDE_MAX  # then the legend goes below, in two columns
+    legend_rows = math.ceil(len(series) / 2) if crowded else 0
+    figure, axis = plt.subplots(figsize=(7.5, 4 + 0.2 * legend_rows), dpi=120)
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
-    for index, sampler in enumerate(sorted({row["sampler"] for row in rows})):
+    for index, sampler in enumerate(series):
         points = sorted((row["nfe"], row["fid"]) for row in rows if row["sampler"] == sampler)
-        # past the colour cycle, the same colours come back with another marker and line style
+        # past the colour cycle, the same colours come back with another marker and line style;
+        # a variant measured at one NFE is a marker alone, so that lines stay for ladders
         lap = index // len(colors)
+        single = len(points) == 1
         axis.plot([p[0] for p in points], [p[1] for p in points], label=sampler,
                   color=colors[index % len(colors)], marker="osD^v"[lap % 5],
-                  linestyle=["-", "--", ":", "-."][lap % 4])
+                  markersize=7 if single else 5,
+                  linestyle="none" if single else ["-", "--", ":", "-."][lap % 4])
     axis.set_xscale("log")
     axis.set_yscale("log")  # FIDs span 10 to several hundred
     plain = matplotlib.ticker.FuncFormatter(lambda value, _: f"{value:g}")
@@ -108,7 +119,10 @@ def _plot(rows: list[dict[str, Any]], path: Path) -> None:
     axis.set_xlabel("network evaluations per sample (NFE)")
     axis.set_ylabel("FID")
     axis.grid(True, which="both", alpha=0.3)
-    axis.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    if crowded:
+        axis.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.14), ncol=2)
+    else:
+        axis.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     buffer = io.BytesIO()
     figure.savefig(buffer, format="png", bbox_inches="tight")
     plt.close(figure)

@@ -1,4 +1,5 @@
-"""The run directory: ``config.json``, ``checkpoints/``, ``tb/``, ``samples/``, ``eval/``, ``compare/``."""
+"""The run directory: ``config.json``, ``checkpoints/``, ``tb/``, ``samples/``, ``eval/``,
+``compare/``, ``schedules/``."""
 from __future__ import annotations
 
 import json
@@ -51,6 +52,10 @@ class Workdir:
     @property
     def compare(self) -> Path:
         return self._sub("compare")
+
+    @property
+    def schedules(self) -> Path:
+        return self._sub("schedules")
 
     def write_config(self, config) -> None:
         """Freeze the resolved config into ``config.json`` (atomically)."""

@@ -49,7 +49,7 @@ class GaussianMixtureOracle:
 
     def __call__(self, x: Tensor, t: Tensor) -> Tensor:
         self.calls += 1
-        self.times.append(float(t[0]))
+        self.times.append(float(t[0].detach()))
         x64, t64 = x.to(torch.float64), t.to(torch.float64)
         alpha = self.sde.alpha(t64)[:, None, None]           # [B, 1, 1]
         sigma = self.sde.sigma(t64)[:, None, None]

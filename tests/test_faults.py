@@ -108,6 +108,12 @@ def _checkpoint_of_a_wider_model(tmp: Path) -> list[str]:
     return []
 
 
+def _schedule_file(tmp: Path) -> list[str]:
+    """A schedule file of 3 levels, given as the sampler's schedule."""
+    (tmp / "schedule3.json").write_text('{"t": [1.0, 0.3, 0.001]}')
+    return [f"--config.sampling.options.schedule={tmp / 'schedule3.json'}"]
+
+
 IDX_LABELS_MAGIC_BYTES = (2049).to_bytes(4, "big")
 BAD_INPUTS: tuple[BadInput, ...] = (
     BadInput("unknown sde", ("--config.sde.name=vpp",), r"unknown sde\.name 'vpp'; accepted: vp, subvp, ve"),
@@ -167,6 +173,14 @@ BAD_INPUTS: tuple[BadInput, ...] = (
              prepare=_empty_data_dir),
     BadInput("unwritable workdir", (), r"workdir \S+/a_file/run cannot be created: Not a directory",
              prepare=_workdir_under_a_file),
+    BadInput("sample: missing schedule file", ("--config.sampling.options.schedule=missing.json",),
+             r"sampling\.options: schedule file missing\.json does not exist", mode="sample"),
+    BadInput("sample: schedule file of another step count",
+             ("--config.sampling.steps=5",),
+             r"sampling\.options: the explicit schedule has 3 times, so it needs steps=3, got steps=5",
+             mode="sample", prepare=_schedule_file),
+    BadInput("align_steps: too few steps", ("--config.sampling.steps=2",),
+             r"align_steps needs sampling\.steps >= 3 \(the ends stay fixed\), got 2", mode="align_steps"),
     BadInput("eval: unknown dequantization", ("--config.eval.bpd_dequantization=gaussian",),
              r"unknown eval\.bpd_dequantization 'gaussian'; accepted: uniform, truncated_normal", mode="eval"),
     BadInput("eval: truncation past T", ("--config.eval.bpd_dequantization=truncated_normal",

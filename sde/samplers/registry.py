@@ -36,7 +36,8 @@ from sde.samplers import ode as ode_module
 from sde.samplers import sde_solvers
 from sde.samplers import unipc as unipc_module
 from sde.samplers.common import Denoiser, Generators, NoiseSource
-from sde.samplers.schedules import SCHEDULE_DEFAULTS, build_grid, check_schedule
+from sde.samplers.schedules import (SCHEDULE_DEFAULTS, build_grid, check_steps, is_explicit,
+                                   resolve_schedule)
 
 Tensor = torch.Tensor
 
@@ -150,15 +151,27 @@ def _defaults(name: str, options: dict[str, Any]) -> dict[str, Any]:
     return {**accepted, **options}
 
 
-def resolve_options(name: str, sde, options: dict[str, Any]) -> dict[str, Any]:
-    """Defaults filled in and every option checked; unknown names raise a ValueError."""
+def resolve_options(name: str, sde, options: dict[str, Any], steps: int | None = None) -> dict[str, Any]:
+    """Defaults filled in and every option checked; unknown names raise a ValueError.
+
+    An explicit schedule (times, or a schedule file, see ``schedules.py``) is resolved to its
+    tuple of times, sets ``eps`` to its last time, and, given ``steps``, must have that many.
+    """
     spec = _spec(name)
     resolved = _defaults(name, options)
     if spec.check is not None:
         spec.check(resolved, sde, set(options))
     if resolved["schedule"] is None:
         resolved["schedule"] = SCHEDULE_DEFAULTS[name]
-    check_schedule(resolved["schedule"])
+    resolved["schedule"] = resolve_schedule(sde, resolved["schedule"])
+    if is_explicit(resolved["schedule"]):
+        last = resolved["schedule"][-1]
+        if "eps" in options and float(options["eps"]) != last:
+            raise ValueError(f"eps={options['eps']} differs from the last time of the explicit "
+                             f"schedule, {last}; leave eps unset")
+        resolved["eps"] = last
+    if steps is not None:
+        check_steps(resolved["schedule"], steps)
     return resolved
 
 
@@ -227,7 +240,7 @@ def sample(name: str, model: Callable[[Tensor, Tensor], Tensor], sde, shape: Seq
     """
     spec = _spec(name)
     _check_steps(steps)
-    resolved = resolve_options(name, sde, options)
+    resolved = resolve_options(name, sde, options, steps)
     x_T = resolved["x_T"]
     shape = tuple(shape)
     param_dtype, param_device = _model_dtype_device(model)

@@ -49,8 +49,18 @@ Uniform-in-t is never the best: it spends most steps at high noise. Karras' rho 
 tuned for images, puts too many of 10-20 levels near eps for these sharp modes. On VE,
 uniform in t is uniform in log-SNR (lambda is linear in t there). ``ode`` with its
 default adaptive ``dopri5`` only reports at the grid's levels.
+
+Explicit schedules. Instead of a name, ``schedule`` may be the times themselves: a sequence
+t_0 = T > t_1 > ... > t_{steps-1} > 0, or the path of a ``.json`` file holding them under
+``"t"`` (as ``--mode align_steps`` writes them: a schedule fitted to a model and its data,
+``align_steps.py``). Its last time is the grid's eps, and it fits exactly one ``steps``.
 """
 from __future__ import annotations
+
+import json
+import numbers
+from pathlib import Path
+from typing import Sequence, Union
 
 import torch
 
@@ -71,15 +81,76 @@ def _interpolation(steps: int) -> Tensor:
     return torch.linspace(0.0, 1.0, steps, dtype=torch.float64)
 
 
+#: A schedule: one of ``SCHEDULES``, a ``.json`` schedule file, or the times themselves.
+Schedule = Union[str, Sequence[float]]
+#: Suffix of a schedule file (a JSON object whose ``"t"`` holds the times).
+SCHEDULE_FILE_SUFFIX = ".json"
+#: How far an explicit schedule's first time may lie from T (rounding of a stored float).
+T_TOLERANCE = 1e-9
+
+
+def is_explicit(schedule: Schedule) -> bool:
+    """Whether ``schedule`` lists its times rather than naming a rule."""
+    return not isinstance(schedule, str)
+
+
 def check_schedule(schedule: str) -> None:
     if schedule not in SCHEDULES:
-        raise ValueError(f"unknown schedule {schedule!r}; accepted: {', '.join(SCHEDULES)}")
+        raise ValueError(f"unknown schedule {schedule!r}; accepted: {', '.join(SCHEDULES)}, "
+                         f"a sequence of times, or a {SCHEDULE_FILE_SUFFIX} schedule file")
 
 
-def time_steps(sde, steps: int, schedule: str, eps: float) -> Tensor:
-    """The ``steps`` times from ``sde.T`` down to ``eps`` of ``schedule`` (float64)."""
-    check_schedule(schedule)
+def read_schedule_file(path: str | Path) -> list[float]:
+    """The times stored under ``"t"`` in a schedule file."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"schedule file {path} does not exist")
+    try:
+        times = json.loads(path.read_text())["t"]
+    except (json.JSONDecodeError, KeyError, TypeError) as error:
+        raise ValueError(f"schedule file {path} is not a JSON object with a list of times "
+                         f"under 't' ({type(error).__name__}: {error})") from None
+    return times
+
+
+def resolve_schedule(sde, schedule: Schedule) -> Schedule:
+    """A schedule name, checked; or explicit times (given, or read from a file), checked
+    against the SDE and returned as a tuple of floats starting exactly at T."""
+    if isinstance(schedule, str) and not schedule.endswith(SCHEDULE_FILE_SUFFIX):
+        check_schedule(schedule)
+        return schedule
+    times = read_schedule_file(schedule) if isinstance(schedule, str) else schedule
+    if (isinstance(times, (str, bytes)) or not isinstance(times, Sequence) or not times
+            or not all(isinstance(t, numbers.Real) and not isinstance(t, bool) for t in times)):
+        raise ValueError(f"an explicit schedule must be a non-empty sequence of times, got {times!r}")
+    times = [float(t) for t in times]
     T = float(sde.T)
+    if abs(times[0] - T) > T_TOLERANCE:
+        raise ValueError(f"an explicit schedule must start at T={T:g}, got {times[0]!r}")
+    times[0] = T
+    if any(later >= earlier for earlier, later in zip(times, times[1:])) or times[-1] <= 0:
+        raise ValueError(f"an explicit schedule must decrease strictly from T to a time > 0, got {times}")
+    return tuple(times)
+
+
+def check_steps(schedule: Schedule, steps: int) -> None:
+    """An explicit schedule fits exactly ``len(schedule)`` steps."""
+    if is_explicit(schedule) and len(schedule) != steps:
+        raise ValueError(f"the explicit schedule has {len(schedule)} times, so it needs "
+                         f"steps={len(schedule)}, got steps={steps}")
+
+
+def time_steps(sde, steps: int, schedule: Schedule, eps: float) -> Tensor:
+    """The ``steps`` times from ``sde.T`` down to ``eps`` of ``schedule`` (float64); an explicit
+    schedule's own times (its last is eps)."""
+    T = float(sde.T)
+    if is_explicit(schedule):
+        times = resolve_schedule(sde, schedule)
+        check_steps(times, steps)
+        if times[-1] != eps:
+            raise ValueError(f"the explicit schedule ends at {times[-1]}, not at eps={eps}")
+        return torch.tensor(times, dtype=torch.float64)
+    check_schedule(schedule)
     if not 0.0 < eps < T:
         raise ValueError(f"eps must lie in (0, T={T:g}), got {eps}")
     u = _interpolation(steps)
@@ -122,7 +193,7 @@ def discrete_steps(sde, times: Tensor) -> Tensor:
     return index
 
 
-def build_grid(sde, steps: int, schedule: str, eps: float, *, discrete: bool,
+def build_grid(sde, steps: int, schedule: Schedule, eps: float, *, discrete: bool,
                to_data: bool) -> NoiseGrid:
     """The noise levels of a fixed-step sampler: ``steps`` levels, then the data if ``to_data``.
 

@@ -1,0 +1,88 @@
+"""``--mode align_steps``: fit a sampling schedule to the trained model and its training data.
+
+Fits the ``sampling.steps`` times from T down to ``sampling.options.eps`` (default 1e-3)
+that minimise Align Your Steps' bound on the KL divergence of a stochastic sampler
+(``sde/samplers/align_steps.py``), starting from ``sampling.options.schedule`` (default:
+the sampler's own), on images of the training split drawn as training draws them. Writes
+``workdir/schedules/align_steps_<steps>steps_eps<eps>.json``: the times under ``"t"`` (what
+``--config.sampling.options.schedule=<file>`` reads), the bound per step before and after,
+the fit's settings, the checkpoint and the wall time.
+"""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from sde import data, samplers
+from sde.configuration import sampler_options
+from sde.distributed import resolve_device
+from sde.inference import load_ema_model
+from sde.samplers import align_steps
+from sde.samplers.schedules import is_explicit
+from sde.sdes import create_sde
+from sde.workdir import Workdir
+
+
+def training_data_source(config) -> align_steps.DataSource:
+    """``draw(count, generator)``: training images scaled (and dequantized, flipped) as the
+    training stream scales them; toy points as they are."""
+    points, _ = data.load_dataset(config)
+
+    def draw(count: int, generator: torch.Generator) -> torch.Tensor:
+        batch = points[torch.randint(len(points), (count,), generator=generator)]
+        if batch.dtype != torch.uint8:
+            return batch.to(torch.float32)
+        if config.data.random_flip:
+            flip = torch.rand(count, generator=generator) < 0.5
+            batch = torch.where(flip[:, None, None, None], batch.flip(-1), batch)
+        return data.uint8_to_float(batch, dequantize=config.data.dequantize, generator=generator)
+
+    return draw
+
+
+def align(config, workdir: str | Path) -> dict[str, Any]:
+    """Run ``--mode align_steps``; returns the record it writes."""
+    run = Workdir(workdir)
+    sde = create_sde(config)
+    options = sampler_options(config)
+    method, steps = config.sampling.method, config.sampling.steps
+    resolved = samplers.resolve_options(method, sde, options)
+    if is_explicit(resolved["schedule"]):
+        raise ValueError("sampling.options.schedule is an explicit schedule; align_steps starts "
+                         "from a named one (uniform, quadratic, log_snr, karras) or the sampler's default")
+    settings = config.align_steps
+    model, source, step = load_ema_model(config, workdir, resolve_device(config.device),
+                                         config.sampling.checkpoint)
+    generator = torch.Generator().manual_seed(config.seed)
+    start = time.perf_counter()
+    log_every = max(1, settings.iterations // 10)
+
+    def progress(iteration: int, times: torch.Tensor, loss: float) -> None:
+        if (iteration + 1) % log_every == 0:
+            print(f"align_steps {iteration + 1}/{settings.iterations}: KLUB {loss:.1f}, "
+                  f"t = [{', '.join(f'{t:.4f}' for t in times.tolist())}]", flush=True)
+
+    times, info = align_steps.fit_schedule(
+        model, sde, training_data_source(config), steps, eps=float(resolved["eps"]),
+        initial=resolved["schedule"], iterations=settings.iterations,
+        batch_size=settings.batch_size, learning_rate=settings.learning_rate,
+        generator=generator, progress=progress)
+    wall_time = time.perf_counter() - start
+    record = {"t": times.tolist(), "steps": steps, "eps": float(resolved["eps"]),
+              "initial_schedule": resolved["schedule"],
+              "klub_initial": info["klub_initial"], "klub_fitted": info["klub_fitted"],
+              "klub_initial_total": sum(info["klub_initial"]),
+              "klub_fitted_total": sum(info["klub_fitted"]),
+              "network_evaluations": info["network_evaluations"], "wall_time_s": wall_time,
+              "settings": settings.to_dict(), "seed": config.seed, "data_split": config.data.split,
+              "checkpoint": source, "checkpoint_step": step, "sde": repr(sde)}
+    eps_text = f"{record['eps']:g}"
+    path = run.write_json(f"{run.schedules.name}/align_steps_{steps}steps_eps{eps_text}.json", record)
+    record["message"] = (f"fitted {steps} levels in {wall_time:.0f} s: KLUB "
+                         f"{record['klub_initial_total']:.1f} ({resolved['schedule']}) -> "
+                         f"{record['klub_fitted_total']:.1f}; wrote {path}; sample with "
+                         f"--config.sampling.steps={steps} --config.sampling.options.schedule={path}")
+    return record
