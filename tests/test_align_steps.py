@@ -123,11 +123,11 @@ def test_explicit_schedule_runs_the_named_schedules_grid_exactly():
     oracle, _ = gaussian_problem(sde)
     named = time_steps(sde, 7, "karras", 1e-3).tolist()
     outputs = []
-    for schedule in ("karras", named):
+    for schedule in ("karras", named, torch.tensor(named, dtype=torch.float64)):
         x, info = samplers.sample("dpm_solver_sde", oracle, sde, (16, DIM), steps=7,
                                   generator=torch.Generator().manual_seed(3), schedule=schedule)
         outputs.append(x)
-    assert torch.equal(outputs[0], outputs[1])
+    assert torch.equal(outputs[0], outputs[1]) and torch.equal(outputs[0], outputs[2])
     assert info["t"] == named + [0.0] and info["options"]["schedule"] == tuple(named)
     assert info["options"]["eps"] == 1e-3
 

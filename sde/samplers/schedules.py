@@ -51,7 +51,7 @@ uniform in t is uniform in log-SNR (lambda is linear in t there). ``ode`` with i
 default adaptive ``dopri5`` only reports at the grid's levels.
 
 Explicit schedules. Instead of a name, ``schedule`` may be the times themselves: a sequence
-t_0 = T > t_1 > ... > t_{steps-1} > 0, or the path of a ``.json`` file holding them under
+(or 1-d tensor) t_0 = T > t_1 > ... > t_{steps-1} > 0, or the path of a ``.json`` file holding them under
 ``"t"`` (as ``--mode align_steps`` writes them: a schedule fitted to a model and its data,
 ``align_steps.py``). Its last time is the grid's eps, and it fits exactly one ``steps``.
 """
@@ -120,6 +120,8 @@ def resolve_schedule(sde, schedule: Schedule) -> Schedule:
         check_schedule(schedule)
         return schedule
     times = read_schedule_file(schedule) if isinstance(schedule, str) else schedule
+    if isinstance(times, torch.Tensor) and times.ndim == 1:
+        times = times.tolist()  # e.g. the times fit_schedule or time_steps return
     if (isinstance(times, (str, bytes)) or not isinstance(times, Sequence) or not times
             or not all(isinstance(t, numbers.Real) and not isinstance(t, bool) for t in times)):
         raise ValueError(f"an explicit schedule must be a non-empty sequence of times, got {times!r}")
