@@ -57,13 +57,28 @@ def times_of(sde, levels: Tensor) -> Tensor:
     return sde.t_from_log_snr(-torch.log(levels)).to(torch.float64)
 
 
-def denoised(model, sde, y: Tensor, levels: Tensor) -> Tensor:
-    """D(y, s) = y - s eps(alpha y, t(s)) per sample (float64; the network in float32)."""
+class Network:
+    """``model(x, t) -> eps`` called in its parameters' dtype and device (float32 on the CPU
+    for a plain callable) on float64 CPU tensors, with the samples it evaluates counted."""
+
+    def __init__(self, model):
+        self.model, self.evaluations = model, 0
+        parameter = next(model.parameters(), None) if isinstance(model, torch.nn.Module) else None
+        self.dtype = parameter.dtype if parameter is not None else torch.float32
+        self.device = parameter.device if parameter is not None else torch.device("cpu")
+
+    def __call__(self, x: Tensor, t: Tensor) -> Tensor:
+        self.evaluations += len(x)
+        eps = self.model(x.to(self.device, self.dtype), t.to(self.device, self.dtype))
+        return eps.to(x.device, torch.float64)
+
+
+def denoised(network: Network, sde, y: Tensor, levels: Tensor) -> Tensor:
+    """D(y, s) = y - s eps(alpha y, t(s)) per sample (float64)."""
     times = times_of(sde, levels)
     alpha = sde.alpha(times).to(torch.float64)
     shape = (-1,) + (1,) * (y.ndim - 1)
-    eps = model((alpha.reshape(shape) * y).to(torch.float32), times.to(torch.float32))
-    return y - levels.reshape(shape) * eps.to(torch.float64)
+    return y - levels.reshape(shape) * network(alpha.reshape(shape) * y, times)
 
 
 class IntervalDraws:
@@ -88,7 +103,7 @@ class IntervalDraws:
         return y, y_start, levels, (inverse_sq_end - inverse_sq_start) / 2.0
 
 
-def interval_klubs(model, sde, levels: Tensor, draws: list[IntervalDraws]) -> Tensor:
+def interval_klubs(network: Network, sde, levels: Tensor, draws: list[IntervalDraws]) -> Tensor:
     """KLUB_i of each step levels[i] -> levels[i + 1], estimated on draws[i], with the
     network evaluated once on all of them together (differentiable in ``levels``)."""
     ys, evaluated_levels, normalisers, sizes = [], [], [], []
@@ -98,7 +113,7 @@ def interval_klubs(model, sde, levels: Tensor, draws: list[IntervalDraws]) -> Te
         evaluated_levels += [s, start.expand_as(s)]
         normalisers.append(normaliser)
         sizes.append(len(s))
-    x0 = denoised(model, sde, torch.cat(ys), torch.cat(evaluated_levels))
+    x0 = denoised(network, sde, torch.cat(ys), torch.cat(evaluated_levels))
     klubs, first = [], 0
     for normaliser, size in zip(normalisers, sizes):
         at_s, at_start = x0[first:first + size], x0[first + size:first + 2 * size]
@@ -112,9 +127,10 @@ def klub(model, sde, times: Tensor, draw_data: DataSource, *, batch_size: int,
     """KLUB_i of every step of the schedule ``times`` (decreasing), each on ``batch_size``
     draws of its own; their sum bounds the KL divergence of the first-order stochastic
     sampler on that grid (module docstring)."""
+    network = model if isinstance(model, Network) else Network(model)
     draws = [IntervalDraws(draw_data, batch_size, generator) for _ in range(len(times) - 1)]
     with torch.no_grad():
-        return interval_klubs(model, sde, noise_levels(sde, times), draws)
+        return interval_klubs(network, sde, noise_levels(sde, times), draws)
 
 
 def _log_levels(gap_logits: Tensor, top: Tensor, bottom: Tensor) -> Tensor:
@@ -160,7 +176,7 @@ def fit_schedule(model, sde, draw_data: DataSource, steps: int, *, eps: float,
         raise ValueError(f"need iterations >= 1, batch_size >= 1 and learning_rate > 0, got "
                          f"{iterations}, {batch_size} and {learning_rate}")
     generator = generator if generator is not None else torch.Generator().manual_seed(0)
-    counted = _Counted(model)
+    network = Network(model)
     initial_times = time_steps(sde, steps, initial, eps)
     initial_log_levels = torch.log(noise_levels(sde, initial_times))
     top, bottom = initial_log_levels[0], initial_log_levels[-1]
@@ -170,7 +186,7 @@ def fit_schedule(model, sde, draw_data: DataSource, steps: int, *, eps: float,
     for iteration in range(iterations):
         levels = torch.exp(_log_levels(gap_logits, top, bottom))
         draws = [IntervalDraws(draw_data, batch_size, generator) for _ in range(steps - 1)]
-        loss = interval_klubs(counted, sde, levels, draws).sum()
+        loss = interval_klubs(network, sde, levels, draws).sum()
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
@@ -184,22 +200,10 @@ def fit_schedule(model, sde, draw_data: DataSource, steps: int, *, eps: float,
     times[0], times[-1] = initial_times[0], initial_times[-1]
     # Both schedules scored on one fresh set of draws, so that their difference is not noise.
     state = generator.get_state()
-    klub_initial = klub(counted, sde, initial_times, draw_data, batch_size=4 * batch_size,
+    klub_initial = klub(network, sde, initial_times, draw_data, batch_size=4 * batch_size,
                         generator=generator)
     generator.set_state(state)
-    klub_fitted = klub(counted, sde, times, draw_data, batch_size=4 * batch_size, generator=generator)
+    klub_fitted = klub(network, sde, times, draw_data, batch_size=4 * batch_size, generator=generator)
     return times, {"klub_initial": klub_initial.tolist(), "klub_fitted": klub_fitted.tolist(),
-                   "network_evaluations": counted.evaluations}
+                   "network_evaluations": network.evaluations}
 
-
-class _Counted:
-    """The network with the samples it evaluates counted, called on its own device."""
-
-    def __init__(self, model):
-        self.model, self.evaluations = model, 0
-        parameter = next(model.parameters(), None) if isinstance(model, torch.nn.Module) else None
-        self.device = parameter.device if parameter is not None else torch.device("cpu")
-
-    def __call__(self, x: Tensor, t: Tensor) -> Tensor:
-        self.evaluations += len(x)
-        return self.model(x.to(self.device), t.to(self.device)).to(x.device)
