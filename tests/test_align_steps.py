@@ -81,7 +81,8 @@ def test_fit_reaches_the_exact_optimum_on_gaussian_data():
     fitted_levels = align_steps.noise_levels(sde, times)
     initial_levels = align_steps.noise_levels(sde, time_steps(sde, steps, "log_snr", eps)).tolist()
     optimum = exact_optimum(initial_levels)
-    assert np.abs(np.log(fitted_levels[1:-1].numpy()) - optimum).max() < 0.05, (fitted_levels, np.exp(optimum))
+    error = np.abs(np.log(fitted_levels[1:-1].numpy()) - optimum).max()
+    assert error < 0.05, (fitted_levels, np.exp(optimum))
     # the bound it reports fell well below the starting schedule's, on the same draws
     assert sum(info["klub_fitted"]) < 0.6 * sum(info["klub_initial"])
     assert info["network_evaluations"] > 0

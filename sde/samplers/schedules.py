@@ -51,9 +51,10 @@ uniform in t is uniform in log-SNR (lambda is linear in t there). ``ode`` with i
 default adaptive ``dopri5`` only reports at the grid's levels.
 
 Explicit schedules. Instead of a name, ``schedule`` may be the times themselves: a sequence
-(or 1-d tensor) t_0 = T > t_1 > ... > t_{steps-1} > 0, or the path of a ``.json`` file holding them under
-``"t"`` (as ``--mode align_steps`` writes them: a schedule fitted to a model and its data,
-``align_steps.py``). Its last time is the grid's eps, and it fits exactly one ``steps``.
+(or 1-d tensor) t_0 = T > t_1 > ... > t_{steps-1} > 0, or the path of a ``.json`` file
+holding them under ``"t"`` (as ``--mode align_steps`` writes them: a schedule fitted to a
+model and its data, ``align_steps.py``). Its last time is the grid's eps, and it fits
+exactly one ``steps``.
 """
 from __future__ import annotations
 
