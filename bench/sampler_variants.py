@@ -10,9 +10,10 @@ from sde.samplers import ode as ode_module
 #: levels (the schedule diffusers' DPM-Solver is best with on the released model); for the
 #: SDE solver the grid ending at eps = 0.02 (noise level 0.077 on the VP SDE) instead of 1e-3,
 #: its best 10-NFE setting on the released model (chosen from five values on that benchmark,
-#: BENCHMARKS.md), so that the peer table holds our best options beside diffusers' best.
+#: BENCHMARKS.md), on log-SNR and on Karras levels (the two options that each helped at
+#: 10 NFE, combined), so that the peer table holds our best options beside diffusers' best.
 EXTRA_VARIANTS = {"dpm_solver": [{"order": 3}, {"schedule": "karras"}],
-                  "dpm_solver_sde": [{"eps": 0.02}]}
+                  "dpm_solver_sde": [{"eps": 0.02}, {"eps": 0.02, "schedule": "karras"}]}
 
 
 def sampler_variants(name: str) -> list[dict]:
