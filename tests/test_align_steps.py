@@ -88,6 +88,13 @@ def test_fit_reaches_the_exact_optimum_on_gaussian_data():
     assert info["network_evaluations"] > 0
 
 
+def test_a_single_iteration_gives_an_ordered_schedule():
+    sde = VPSDE()
+    oracle, draw = gaussian_problem(sde)
+    times, _ = align_steps.fit_schedule(oracle, sde, draw, 5, eps=1e-3, iterations=1, batch_size=4)
+    assert torch.isfinite(times).all() and torch.all(times[1:] < times[:-1])
+
+
 def test_fit_rejects_a_schedule_without_interior_levels():
     sde = VPSDE()
     oracle, draw = gaussian_problem(sde)

@@ -190,7 +190,7 @@ def fit_schedule(model, sde, draw_data: DataSource, steps: int, *, eps: float,
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
-        if 2 * iteration >= iterations:
+        if 2 * (iteration + 1) > iterations:  # the second half (the last iteration at least)
             averaged += gap_logits.detach()
             averaged_count += 1
         if progress is not None:
