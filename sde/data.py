@@ -165,6 +165,18 @@ def uint8_to_float(images: Tensor, *, dequantize: bool, generator: torch.Generat
     return (pixels + noise) / NUM_PIXEL_LEVELS * 2 - 1
 
 
+def training_view(batch: Tensor, *, random_flip: bool, dequantize: bool,
+                  generator: torch.Generator) -> Tensor:
+    """A batch as training sees it: uint8 images flipped left-right with probability 1/2
+    (``random_flip``) and scaled by ``uint8_to_float``; points (toy data) unchanged."""
+    if batch.dtype != torch.uint8:
+        return batch
+    if random_flip:
+        flip = torch.rand(len(batch), generator=generator) < 0.5
+        batch = torch.where(flip[:, None, None, None], batch.flip(-1), batch)
+    return uint8_to_float(batch, dequantize=dequantize, generator=generator)
+
+
 def float_to_uint8(x: Tensor, *, dequantized: bool) -> Tensor:
     """Inverse of ``uint8_to_float`` (for saving samples): float in [-1, 1] -> uint8.
 
@@ -680,12 +692,8 @@ class BatchStream:
         global_indices = self._order[self.position:self.position + self.batch_size]
         augmentation = _generator(_AUGMENTATION_STREAM, self.seed, self.epoch, self.position)
         self.position += self.batch_size
-        batch = self.data[global_indices]
-        if self.random_flip:
-            flip = torch.rand(self.batch_size, generator=augmentation) < 0.5
-            batch = torch.where(flip[:, None, None, None], batch.flip(-1), batch)
-        if batch.dtype == torch.uint8:
-            batch = uint8_to_float(batch, dequantize=self.dequantize, generator=augmentation)
+        batch = training_view(self.data[global_indices], random_flip=self.random_flip,
+                              dequantize=self.dequantize, generator=augmentation)
         rows = slice(self.rank * self.local_batch_size, (self.rank + 1) * self.local_batch_size)
         batch = batch[rows].to(torch.float32)
         return batch if self.labels is None else (batch, self.labels[global_indices[rows]])

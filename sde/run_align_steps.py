@@ -33,12 +33,8 @@ def training_data_source(config) -> align_steps.DataSource:
 
     def draw(count: int, generator: torch.Generator) -> torch.Tensor:
         batch = points[torch.randint(len(points), (count,), generator=generator)]
-        if batch.dtype != torch.uint8:
-            return batch.to(torch.float32)
-        if config.data.random_flip:
-            flip = torch.rand(count, generator=generator) < 0.5
-            batch = torch.where(flip[:, None, None, None], batch.flip(-1), batch)
-        return data.uint8_to_float(batch, dequantize=config.data.dequantize, generator=generator)
+        return data.training_view(batch, random_flip=config.data.random_flip,
+                                  dequantize=config.data.dequantize, generator=generator).to(torch.float32)
 
     return draw
 

@@ -3,8 +3,9 @@
 In the scaled variable y = x / alpha(t), with Karras et al.'s noise level
 s = sigma / alpha = exp(-lambda), every SDE of ``sdes.py`` is the variance-exploding
 process y_s = x0 + s z, whatever its alpha(t). Its reverse-time SDE, in the time s, with the
-denoiser D(y, s) = E[x0 | y_s = y] = y - s eps_theta(alpha y, t(s)), is (AYS sec. 3 with
-sigma(t) = t; Song et al. 2021 eq. 6 with g^2 = d(s^2)/ds = 2 s and score (D - y) / s^2)
+denoiser D(y, s) = E[x0 | y_s = y] = y - s eps_theta(alpha y, t(s)), is (Song et al. 2021
+eq. 6 with g^2 = d(s^2)/ds = 2 s and score (D - y) / s^2; Karras et al. 2022 eq. 6 with
+sigma(t) = t, the parametrisation AYS works in)
 
     dy = -2 (D(y, s) - y) / s ds + sqrt(2 s) dw_bar.
 
@@ -12,7 +13,8 @@ A first-order stochastic step from level s_i down to s_{i+1} freezes the denoise
 start, D(y_{s_i}, s_i). That linear SDE is solved exactly by the DDPM posterior step (the
 ``ancestral`` step; DDIM with eta = 1; first-order SDE-DPM-Solver++). By Girsanov's theorem
 the KL divergence from the true reverse process to the process these steps sample is at
-most the sum over the steps of (AYS's "KLUB", their eqs. 8-10)
+most the sum over the steps of (AYS's "KLUB"; KL = E int |drift difference|^2 / (2 g^2) for
+two SDEs with one diffusion coefficient g)
 
     KLUB_i = E int_{s_{i+1}}^{s_i} |drift - frozen drift|^2 / (2 g^2) ds
            = int_{s_{i+1}}^{s_i} s^-3 E |D(y_s, s) - D(y_{s_i}, s_i)|^2 ds,
@@ -40,6 +42,7 @@ from typing import Callable
 
 import torch
 
+from sde.samplers.common import model_dtype_device
 from sde.samplers.schedules import time_steps
 
 Tensor = torch.Tensor
@@ -63,9 +66,8 @@ class Network:
 
     def __init__(self, model):
         self.model, self.evaluations = model, 0
-        parameter = next(model.parameters(), None) if isinstance(model, torch.nn.Module) else None
-        self.dtype = parameter.dtype if parameter is not None else torch.float32
-        self.device = parameter.device if parameter is not None else torch.device("cpu")
+        dtype, device = model_dtype_device(model)
+        self.dtype, self.device = dtype or torch.float32, device or torch.device("cpu")
 
     def __call__(self, x: Tensor, t: Tensor) -> Tensor:
         self.evaluations += len(x)

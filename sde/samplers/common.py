@@ -70,6 +70,15 @@ class Denoiser:
 Generators = torch.Generator | Sequence[torch.Generator] | None
 
 
+def model_dtype_device(model) -> tuple[torch.dtype | None, torch.device | None]:
+    """The dtype and device of a module's first parameter; (None, None) for a plain callable."""
+    if isinstance(model, torch.nn.Module):
+        parameter = next(model.parameters(), None)
+        if parameter is not None:
+            return parameter.dtype, parameter.device
+    return None, None
+
+
 class NoiseSource:
     """Gaussian draws for a batch, per sample when given one generator per sample.
 

@@ -35,7 +35,7 @@ from sde.samplers import heun as heun_module
 from sde.samplers import ode as ode_module
 from sde.samplers import sde_solvers
 from sde.samplers import unipc as unipc_module
-from sde.samplers.common import Denoiser, Generators, NoiseSource
+from sde.samplers.common import Denoiser, Generators, NoiseSource, model_dtype_device
 from sde.samplers.schedules import (SCHEDULE_DEFAULTS, build_grid, check_steps, is_explicit,
                                    resolve_schedule)
 
@@ -210,14 +210,6 @@ def steps_for_nfe(name: str, nfe: int, **options) -> int:
     return steps
 
 
-def _model_dtype_device(model) -> tuple[torch.dtype | None, torch.device | None]:
-    if isinstance(model, torch.nn.Module):
-        parameter = next(model.parameters(), None)
-        if parameter is not None:
-            return parameter.dtype, parameter.device
-    return None, None
-
-
 def sample(name: str, model: Callable[[Tensor, Tensor], Tensor], sde, shape: Sequence[int], *,
            steps: int, generator: Generators = None, **options) -> tuple[Tensor, dict[str, Any]]:
     """Draw ``shape[0]`` samples with sampler ``name``: returns ``(x, info)``.
@@ -243,7 +235,7 @@ def sample(name: str, model: Callable[[Tensor, Tensor], Tensor], sde, shape: Seq
     resolved = resolve_options(name, sde, options, steps)
     x_T = resolved["x_T"]
     shape = tuple(shape)
-    param_dtype, param_device = _model_dtype_device(model)
+    param_dtype, param_device = model_dtype_device(model)
     if x_T is not None:
         if tuple(x_T.shape) != shape:
             raise ValueError(f"x_T has shape {tuple(x_T.shape)}, expected {shape}")
