@@ -58,6 +58,9 @@ def get_default_config() -> ml_collections.ConfigDict:
     training.likelihood_weighting = False
     training.importance_sampling = True  # only with likelihood_weighting
     training.eps = 1e-5           # smallest training time t
+    # fine-tuning: a fresh workdir starts model and EMA from these weights (exported
+    # .safetensors or a checkpoint .pt, whose EMA is used) instead of a random init
+    training.init_weights = ""
     training.log_freq = 50
     training.snapshot_freq = 1000
     training.sample_freq = 2000   # sample grid to TensorBoard and workdir/samples

@@ -1,6 +1,7 @@
 """From a config to a run: validation before any expensive work, sampler options, dispatch."""
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 from sde.checkpoint import CheckpointError
@@ -65,6 +66,12 @@ def validate(config, mode: str) -> None:
                  "training.likelihood_weighting needs training.continuous=True")
         _require(training.continuous or config.sde.name == "vp",
                  f"training.continuous=False (DDPM) needs sde.name='vp', got {config.sde.name!r}")
+        if training.init_weights:
+            _require(Path(training.init_weights).suffix in (".safetensors", ".pt"),
+                     f"training.init_weights must be .safetensors weights or a checkpoint .pt, "
+                     f"got {training.init_weights!r}")
+            _require(Path(training.init_weights).is_file(),
+                     f"training.init_weights={training.init_weights!r} does not exist")
     if mode == "align_steps":
         _positive_int(config.align_steps.iterations, "align_steps.iterations")
         _positive_int(config.align_steps.batch_size, "align_steps.batch_size")

@@ -27,14 +27,7 @@ def load_ema_model(config, workdir: str | Path, device: torch.device,
             raise FileNotFoundError(f"sampling.checkpoint={path!r} does not exist; give a .pt "
                                     f"checkpoint or .safetensors weights, or leave it empty for "
                                     f"the latest checkpoint in the workdir")
-        if source.suffix == ".safetensors":
-            metadata = checkpoint.import_safetensors(model, source)
-            check_exported_config(config, metadata, source)
-            step = int(metadata["step"]) if "step" in metadata else None
-        else:
-            state = checkpoint.load_checkpoint(source)
-            checkpoint.load_model_weights(model, state["ema"], f"EMA weights of {source}")
-            step = int(state["step"])
+        step = load_weights(model, config, source)
     else:
         run = Workdir(workdir, create=False)
         restored = checkpoint.load_latest(run.checkpoints)
@@ -45,6 +38,19 @@ def load_ema_model(config, workdir: str | Path, device: torch.device,
         source = run.checkpoints / f"checkpoint_{step}.pt"
         checkpoint.load_model_weights(model, state["ema"], f"EMA weights of {source}")
     return model.to(device).eval().requires_grad_(False), str(source), step
+
+
+def load_weights(model: torch.nn.Module, config, source: Path) -> int | None:
+    """Load ``source`` into ``model``: exported ``.safetensors`` weights (checked against the
+    config they were exported with) or the EMA weights of a training checkpoint ``.pt``.
+    Returns the training step the weights come from (None if the file does not say)."""
+    if source.suffix == ".safetensors":
+        metadata = checkpoint.import_safetensors(model, source)
+        check_exported_config(config, metadata, source)
+        return int(metadata["step"]) if "step" in metadata else None
+    state = checkpoint.load_checkpoint(source)
+    checkpoint.load_model_weights(model, state["ema"], f"EMA weights of {source}")
+    return int(state["step"])
 
 
 #: Config groups that must agree between exported weights and the config that uses them:

@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 
 from sde import checkpoint, data, distributed, samplers
 from sde.configuration import sampler_options
-from sde.inference import sample_shape
+from sde.inference import load_weights, sample_shape
 from sde.losses import LossConfig, make_loss_fn
 from sde.models import count_parameters, create_model
 from sde.sdes import create_sde
@@ -163,6 +163,11 @@ def train(config, workdir: str | Path) -> dict[str, Any]:
         _set_rng_state(state["rng"], noise_generator)
         if context.is_main:
             print(f"resumed from {run.checkpoints}/checkpoint_{step}.pt (step {step})", flush=True)
+    elif train_cfg.init_weights:  # fine-tuning: step 0 and a fresh optimizer, given weights
+        source_step = load_weights(model, config, Path(train_cfg.init_weights))
+        ema.model.load_state_dict(model.state_dict())
+        if context.is_main:
+            print(f"initialised from {train_cfg.init_weights} (its step {source_step})", flush=True)
     if context.is_main:
         run.write_config(config)
 

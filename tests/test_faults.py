@@ -186,6 +186,8 @@ BAD_INPUTS: tuple[BadInput, ...] = (
     BadInput("eval: truncation past T", ("--config.eval.bpd_dequantization=truncated_normal",
                                          "--config.eval.bpd_truncation=1e-9"),
              r"eval\.bpd_truncation: truncation tau=1e-09 puts t0 outside \(0, T\)", mode="eval"),
+    BadInput("train: missing init weights", ("--config.training.init_weights=missing.safetensors",),
+             r"training\.init_weights='missing\.safetensors' does not exist"),
 )
 
 

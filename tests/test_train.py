@@ -12,6 +12,7 @@ from conftest import make_tiny_config
 
 from configs import toy_vp
 from sde import checkpoint
+from sde.models import create_model
 from sde.run_train import TrainingDiverged, train
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -66,6 +67,28 @@ def test_architecture_mismatch_is_named(tiny_run):
     wider.model.nf = 16
     with pytest.raises(checkpoint.CheckpointError, match="does not match the configured model"):
         train(wider, workdir)
+
+
+def test_init_weights_start_a_fine_tune_from_exported_or_checkpoint_weights(tiny_run, tmp_path):
+    config, workdir = tiny_run
+    source = workdir / "checkpoints" / "checkpoint_6.pt"
+    ema = checkpoint.load_checkpoint(source)["ema"]
+    exported = tmp_path / "ema.safetensors"
+    subject = create_model(config)
+    subject.load_state_dict(ema)
+    checkpoint.export_safetensors(subject, exported)
+    for weights in (source, exported):
+        fine_tune = tiny_config(n_iters=1, snapshot_freq=1, init_weights=str(weights), lr=1e-12)
+        summary = train(fine_tune, tmp_path / weights.suffix[1:])
+        assert summary["step"] == 1
+        state = checkpoint.load_checkpoint(tmp_path / weights.suffix[1:] / "checkpoints" / "checkpoint_1.pt")
+        for key, value in ema.items():  # one step at lr 1e-12 leaves the weights where they began
+            torch.testing.assert_close(state["model"][key], value, rtol=0, atol=1e-8, msg=key)
+        # the optimizer starts fresh: one Adam step, not the source run's six
+        assert all(s["step"] == 1 for s in state["optimizer"]["state"].values())
+    # a workdir with a checkpoint resumes it; init_weights only seeds fresh runs
+    resumed = tiny_config(n_iters=2, snapshot_freq=1, init_weights="does/not/matter.pt")
+    assert train(resumed, tmp_path / "pt")["step"] == 2
 
 
 def test_non_finite_loss_stops_without_touching_the_good_checkpoint(tmp_path):
