@@ -39,6 +39,18 @@ def machine_line() -> str:
             f"{platform.machine()}); torch {torch.__version__}, {torch.get_num_threads()} threads")
 
 
+def add_run_options(parser) -> None:
+    """The options every benchmark shares: ``--threads`` and ``--no-append``."""
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    parser.add_argument("--no-append", action="store_true", help="do not append to BENCHMARKS.md")
+
+
+def apply_threads(args) -> None:
+    """Set torch's thread count from ``--threads`` (0 keeps torch's default)."""
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+
 def command_line() -> str:
     """How this benchmark was invoked, for its BENCHMARKS.md section: ``python bench/<script>.py
     <arguments>`` (the script's path relative to the repository)."""

@@ -25,7 +25,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from bench.common import append_to_benchmarks, command_line, load_config  # noqa: E402
+from bench.common import add_run_options, append_to_benchmarks, apply_threads, command_line, load_config  # noqa: E402
 from sde import data, likelihood  # noqa: E402
 from sde.inference import load_ema_model  # noqa: E402
 from sde.sdes import create_sde  # noqa: E402
@@ -42,13 +42,11 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=100)
     parser.add_argument("--truncations", type=float, nargs="+", default=[2.0, 1.0, 0.5])
     parser.add_argument("--seed", type=int, default=0, help="image subset and noise seed")
-    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
-    parser.add_argument("--no-append", action="store_true", help="do not append to BENCHMARKS.md")
+    add_run_options(parser)
     args = parser.parse_args()
     if args.num_images < 1 or args.batch_size < 1:
         parser.error("--num-images and --batch-size must be >= 1")
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    apply_threads(args)
     config = load_config(args.config)
     sde = create_sde(config)
     grid = bool(config.data.dequantize)

@@ -37,7 +37,7 @@ from scipy.integrate import solve_ivp
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.common import append_to_benchmarks, command_line  # noqa: E402
+from bench.common import add_run_options, append_to_benchmarks, apply_threads, command_line  # noqa: E402
 from sde import likelihood  # noqa: E402
 from sde.data import EmbeddedMNISTWarning, evaluation_subset, load_dataset, uint8_to_float  # noqa: E402
 from sde.inference import load_ema_model  # noqa: E402
@@ -154,14 +154,12 @@ def main() -> None:
                         choices=likelihood.ADAPTIVE_METHODS)
     parser.add_argument("--rounds", type=int, default=3,
                         help="interleaved timing rounds of (b) and (c); their medians are compared")
-    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     parser.add_argument("--output", default="", help="also write the results as JSON here")
-    parser.add_argument("--no-append", action="store_true", help="do not append to BENCHMARKS.md")
+    add_run_options(parser)
     args = parser.parse_args()
     if args.rounds < 1:
         parser.error(f"--rounds must be >= 1, got {args.rounds}")
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    apply_threads(args)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
     if args.workdir:

@@ -51,7 +51,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from bench import peers  # noqa: E402
-from bench.common import append_to_benchmarks, command_line, load_config  # noqa: E402
+from bench.common import add_run_options, append_to_benchmarks, apply_threads, command_line, load_config  # noqa: E402
 from bench.sampler_variants import sampler_variants, settings, variant_label  # noqa: E402
 from sde import data, samplers  # noqa: E402
 from sde.inference import load_ema_model, sample_generators, sample_shape  # noqa: E402
@@ -202,8 +202,7 @@ def main() -> None:
     parser.add_argument("--no-karras", action="store_true", help="skip the Karras-sigma variants")
     parser.add_argument("--reference-num-images", type=int, default=0,
                         help="training images in the FID reference (0: all, the protocol)")
-    parser.add_argument("--threads", type=int, default=0)
-    parser.add_argument("--no-append", action="store_true", help="do not append to BENCHMARKS.md")
+    add_run_options(parser)
     args = parser.parse_args()
     names = args.ours or samplers.available()
     unknown = sorted(set(names) - set(samplers.available()))
@@ -214,8 +213,7 @@ def main() -> None:
     if not Path(args.checkpoint).is_file():
         parser.error(f"--checkpoint {args.checkpoint} does not exist")
     peers.require_diffusers()
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    apply_threads(args)
 
     from evaluation import InceptionFeatures
 

@@ -37,7 +37,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from bench.common import append_to_benchmarks, command_line, load_config  # noqa: E402
+from bench.common import add_run_options, append_to_benchmarks, apply_threads, command_line, load_config  # noqa: E402
 from bench.sampler_variants import settings  # noqa: E402
 from sde import data, samplers  # noqa: E402
 from sde.inference import load_ema_model  # noqa: E402
@@ -147,8 +147,7 @@ def main() -> None:
                         help="extra runs with explicit options, e.g. dpm_solver_sde:10:eta=2.0")
     parser.add_argument("--reference-num-images", type=int, default=0,
                         help="training images in the FID reference (0: all 10k, the protocol)")
-    parser.add_argument("--threads", type=int, default=0)
-    parser.add_argument("--no-append", action="store_true", help="do not append to BENCHMARKS.md")
+    add_run_options(parser)
     args = parser.parse_args()
     names = args.samplers or samplers.available()
     unknown = sorted((set(names) | set(args.long_samplers)) - set(samplers.available()))
@@ -158,8 +157,7 @@ def main() -> None:
         parser.error("--num-samples must be >= 2 (FID needs a covariance)")
     if not Path(args.checkpoint).is_file():
         parser.error(f"--checkpoint {args.checkpoint} does not exist")
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    apply_threads(args)
 
     from evaluation import ClassifierMetrics, InceptionFeatures
 

@@ -31,7 +31,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from bench.common import append_to_benchmarks, command_line, load_config  # noqa: E402
+from bench.common import add_run_options, append_to_benchmarks, apply_threads, command_line, load_config  # noqa: E402
 from bench.peers import CountedModel  # noqa: E402
 from bench.sampler_variants import sampler_variants, variant_label  # noqa: E402
 from sde import samplers  # noqa: E402
@@ -82,8 +82,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--samplers", nargs="+", default=None, help="default: every registered sampler")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
-    parser.add_argument("--no-append", action="store_true", help="do not append to BENCHMARKS.md")
+    add_run_options(parser)
     args = parser.parse_args()
     names = args.samplers or samplers.available()
     unknown = sorted(set(names) - set(samplers.available()))
@@ -93,8 +92,7 @@ def main() -> None:
         parser.error("--rounds and --batch-size must be >= 1")
     if args.checkpoint and not Path(args.checkpoint).is_file():
         parser.error(f"--checkpoint {args.checkpoint} does not exist")
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    apply_threads(args)
 
     config = load_config(args.config)
     sde = create_sde(config)

@@ -4,12 +4,14 @@ from pathlib import Path
 
 import pytest
 
-from configs import cifar10_vp, default, mnist_ddpm, mnist_subvp, mnist_ve, mnist_vp, tiny, toy_vp
+from configs import (cifar10_vp, default, mnist_ddpm, mnist_subvp, mnist_ve, mnist_vp, mnist_vp_release,
+                     mnist_vp_release_lw, tiny, toy_vp)
 from sde import samplers
 from sde.configuration import validate
 
 ROOT = Path(__file__).resolve().parents[1]
-CONFIGS = [cifar10_vp, mnist_ddpm, mnist_subvp, mnist_ve, mnist_vp, tiny, toy_vp]
+CONFIGS = [cifar10_vp, mnist_ddpm, mnist_subvp, mnist_ve, mnist_vp, mnist_vp_release, mnist_vp_release_lw,
+           tiny, toy_vp]
 
 
 def leaf_keys(config, prefix=""):
@@ -43,6 +45,21 @@ def test_every_sampler_option_key_is_an_option_of_some_sampler():
 
 
 @pytest.mark.parametrize("module", CONFIGS, ids=lambda m: m.__name__.rsplit(".", 1)[-1])
-def test_shipped_configs_validate(module):
-    for mode in ("train", "sample"):
+def test_shipped_configs_validate(module, monkeypatch):
+    monkeypatch.chdir(ROOT)  # paths in configs (release weights) are relative to the repository
+    for mode in ("train", "sample", "eval"):
         validate(module.get_config(), mode)
+
+
+@pytest.mark.parametrize("module, weights", [(mnist_vp_release, "release/mnist_vp_release.safetensors"),
+                                             (mnist_vp_release_lw, "release/mnist_vp_release_lw.safetensors")])
+def test_released_weights_load_with_their_config(module, weights):
+    """The shipped weights match their config (architecture and SDE) and give a finite eps."""
+    import torch
+
+    from sde.inference import load_ema_model
+
+    model, _, step = load_ema_model(module.get_config(), "", torch.device("cpu"), str(ROOT / weights))
+    assert step == module.get_config().training.n_iters
+    x = torch.randn(2, 1, 28, 28, generator=torch.Generator().manual_seed(0))
+    assert torch.isfinite(model(x, torch.tensor([0.5, 0.01]))).all()
