@@ -202,6 +202,9 @@ def main() -> None:
     parser.add_argument("--no-karras", action="store_true", help="skip the Karras-sigma variants")
     parser.add_argument("--reference-num-images", type=int, default=0,
                         help="training images in the FID reference (0: all, the protocol)")
+    parser.add_argument("--only", nargs="+", default=None, metavar="LABEL",
+                        help="run only the planned runs with these labels, as the table prints them, "
+                             "e.g. 'dpm_solver_sde (eps=0.02, schedule=karras)'")
     add_run_options(parser)
     args = parser.parse_args()
     names = args.ours or samplers.available()
@@ -212,6 +215,14 @@ def main() -> None:
         parser.error("--num-samples must be >= 2 (FID needs a covariance)")
     if not Path(args.checkpoint).is_file():
         parser.error(f"--checkpoint {args.checkpoint} does not exist")
+    runs = plan_ours(names, args.nfe) + plan_theirs(args.schedulers, args.spacings,
+                                                    not args.no_karras, args.nfe)
+    if args.only:
+        labels = {run["label"] for run in runs}
+        missing = sorted(set(args.only) - labels)
+        if missing:
+            parser.error(f"--only: no planned run is labelled {missing}; planned: {sorted(labels)}")
+        runs = [run for run in runs if run["label"] in args.only]
     peers.require_diffusers()
     apply_threads(args)
 
@@ -241,8 +252,6 @@ def main() -> None:
     store = json.loads(store_path.read_text()) if store_path.is_file() else {}
     weights_digest = hashlib.sha1(Path(args.checkpoint).read_bytes()).hexdigest()[:10]
 
-    runs = plan_ours(names, args.nfe) + plan_theirs(args.schedulers, args.spacings,
-                                                    not args.no_karras, args.nfe)
     results = []
     for run in runs:
         key = (f"{weights_digest}|{args.num_samples}|{reference.count}|{args.seed}|"
