@@ -23,7 +23,10 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from bench.common import add_run_options, append_to_benchmarks, apply_threads, command_line, load_config  # noqa: E402
+from bench.common import (add_run_options, append_to_benchmarks, apply_threads, command_line,  # noqa: E402
+                          load_config, paired_difference)
+from sde.checkpoint import CheckpointError  # noqa: E402
+from sde.configuration import validate  # noqa: E402
 from sde import data, likelihood  # noqa: E402
 from sde.inference import load_ema_model  # noqa: E402
 from sde.sdes import create_sde  # noqa: E402
@@ -47,11 +50,18 @@ def main() -> None:
         parser.error(f"no such checkpoint: {', '.join(missing)}")
     apply_threads(args)
     config = load_config(args.config)
+    try:
+        validate(config, "eval")  # the eval group's dequantization and tau, before any solve
+    except ValueError as error:
+        parser.error(f"--config {args.config}: {error}")
     sde = create_sde(config)
     dequantization = config.eval.bpd_dequantization
     options = ({"truncation": config.eval.bpd_truncation, "dequantized_grid": bool(config.data.dequantize)}
                if dequantization == "truncated_normal" else {})
-    models = [load_ema_model(config, "", torch.device("cpu"), path) for path in args.checkpoints]  # all load first
+    try:  # every checkpoint loads (and matches the config) before the first solve
+        models = [load_ema_model(config, "", torch.device("cpu"), path) for path in args.checkpoints]
+    except (CheckpointError, ValueError) as error:
+        parser.error(str(error))
     images, _ = data.evaluation_subset(*data.load_dataset(config, split=args.split), args.num_images,
                                        seed=args.seed)
 
@@ -76,8 +86,7 @@ def main() -> None:
              "|---|---|---|---|---|---|---|"]
     for index, (source, step, mean, standard_error, per_image, nfe, seconds) in enumerate(rows):
         difference = per_image - baseline
-        paired = "" if index == 0 else (f"{difference.mean().item():+.4f} ± "
-                                        f"{difference.std().item() / len(difference) ** 0.5:.4f}")
+        paired = "" if index == 0 else paired_difference(difference)
         improved = "" if index == 0 else f"{int((difference < 0).sum())} / {len(difference)}"
         lines.append(f"| {source} | {step} | {mean:.4f} ± {standard_error:.4f} | {paired} | {improved} | "
                      f"{nfe} | {seconds:.0f} |")

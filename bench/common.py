@@ -51,6 +51,12 @@ def apply_threads(args) -> None:
         torch.set_num_threads(args.threads)
 
 
+def paired_difference(difference) -> str:
+    """Mean ± standard error of per-image differences (a 1-d tensor) between two settings
+    measured on the same images with the same noise: the paired comparison."""
+    return f"{difference.mean().item():+.4f} ± {difference.std().item() / len(difference) ** 0.5:.4f}"
+
+
 def command_line() -> str:
     """How this benchmark was invoked, for its BENCHMARKS.md section: ``python bench/<script>.py
     <arguments>`` (the script's path relative to the repository)."""

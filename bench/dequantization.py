@@ -25,7 +25,8 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from bench.common import add_run_options, append_to_benchmarks, apply_threads, command_line, load_config  # noqa: E402
+from bench.common import (add_run_options, append_to_benchmarks, apply_threads, command_line,  # noqa: E402
+                          load_config, paired_difference)
 from sde import data, likelihood  # noqa: E402
 from sde.inference import load_ema_model  # noqa: E402
 from sde.sdes import create_sde  # noqa: E402
@@ -77,8 +78,7 @@ def main() -> None:
     for (dequantization, tau), (mean, standard_error, info, seconds) in results.items():
         t0 = torch.tensor(info["t0"], dtype=torch.float64)
         difference = info["per_image"].mean(1) - uniform
-        paired = ("" if tau is None else
-                  f"{difference.mean().item():+.4f} ± {difference.std().item() / len(difference) ** 0.5:.4f}")
+        paired = "" if tau is None else paired_difference(difference)
         lines.append(f"| {dequantization.replace('_', '-')} | {'' if tau is None else f'{tau:g}'} | "
                      f"{info['t0']:.3g} | {sde.sigma(t0).item():.2e} | {mean:.4f} ± {standard_error:.4f} | "
                      f"{paired} | {info['nfe']} | {seconds:.0f} |")
