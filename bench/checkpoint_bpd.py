@@ -23,8 +23,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from bench.common import (add_run_options, append_to_benchmarks, apply_threads, command_line,  # noqa: E402
-                          load_config, paired_difference)
+from bench.common import add_run_options, apply_threads, load_config, paired_difference, publish  # noqa: E402
 from sde.checkpoint import CheckpointError  # noqa: E402
 from sde.configuration import validate  # noqa: E402
 from sde import data, likelihood  # noqa: E402
@@ -91,9 +90,7 @@ def main() -> None:
         lines.append(f"| {source} | {step} | {mean:.4f} ± {standard_error:.4f} | {paired} | {improved} | "
                      f"{nfe} | {seconds:.0f} |")
     table = "\n".join(lines)
-    print(table)
-    if not args.no_append:
-        append_to_benchmarks("Bits/dim of checkpoints, paired", command_line(), table)
+    publish(args, "Bits/dim of checkpoints, paired", table)
 
 
 if __name__ == "__main__":

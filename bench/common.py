@@ -64,6 +64,14 @@ def command_line() -> str:
     return " ".join(["python", str(script)] + sys.argv[1:])
 
 
+def publish(args, title: str, body: str, images: Sequence[Path] = ()) -> None:
+    """Print a benchmark's result and, unless ``--no-append``, append it to BENCHMARKS.md
+    under ``title`` with the command that produced it."""
+    print(body)
+    if not args.no_append:
+        append_to_benchmarks(title, command_line(), body, images)
+
+
 def append_to_benchmarks(title: str, command: str, body: str, images: Sequence[Path] = ()) -> None:
     """Append a section (heading, command, machine, table, plots) to BENCHMARKS.md."""
     section = [f"\n## {title}\n", f"`{command}`  \n{machine_line()}\n\n", body.rstrip() + "\n"]

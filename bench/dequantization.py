@@ -25,8 +25,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from bench.common import (add_run_options, append_to_benchmarks, apply_threads, command_line,  # noqa: E402
-                          load_config, paired_difference)
+from bench.common import add_run_options, apply_threads, load_config, paired_difference, publish  # noqa: E402
 from sde import data, likelihood  # noqa: E402
 from sde.inference import load_ema_model  # noqa: E402
 from sde.sdes import create_sde  # noqa: E402
@@ -87,10 +86,7 @@ def main() -> None:
                   + (f" at tau = {best[1]:g}" if best[1] is not None else "")
                   + f", {results[best][0]:.4f} bits/dim."]
     table = "\n".join(lines)
-    print(table)
-    if not args.no_append:
-        command = command_line()
-        append_to_benchmarks("Bits/dim: uniform vs truncated-normal dequantization", command, table)
+    publish(args, "Bits/dim: uniform vs truncated-normal dequantization", table)
 
 
 if __name__ == "__main__":

@@ -36,7 +36,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from bench import peers  # noqa: E402
-from bench.common import append_to_benchmarks, command_line  # noqa: E402
+from bench.common import publish  # noqa: E402
 from sde.sdes import VPSDE  # noqa: E402
 
 MEAN, STD = 0.5, 0.5
@@ -111,10 +111,7 @@ def main() -> None:
          f"'linspace' timesteps, 1-D data N({MEAN}, {STD}^2) with its exact eps; sample std minus "
          f"{STD} over {args.samples} samples (Monte-Carlo standard error {monte_carlo:.4f}), "
          f"seed {args.seed}.", ""] + lines)
-    print(table)
-    if not args.no_append:
-        command = command_line()
-        append_to_benchmarks("diffusers' third-order SDE-DPM-Solver++ on Gaussian data", command, table)
+    publish(args, "diffusers' third-order SDE-DPM-Solver++ on Gaussian data", table)
 
 
 if __name__ == "__main__":

@@ -51,7 +51,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from bench import peers  # noqa: E402
-from bench.common import add_run_options, append_to_benchmarks, apply_threads, command_line, load_config  # noqa: E402
+from bench.common import add_run_options, apply_threads, load_config, publish  # noqa: E402
 from bench.sampler_variants import sampler_variants, settings, variant_label  # noqa: E402
 from sde import data, samplers  # noqa: E402
 from sde.inference import load_ema_model, sample_generators, sample_shape  # noqa: E402
@@ -287,10 +287,7 @@ def main() -> None:
              f"x_ours| on the same discrete grid): {check}.")
     table = "\n".join([intro, "", header] + [row(m) for m in ordered] + [""] +
                       summarize(results, args.nfe))
-    print(table)
-    if not args.no_append:
-        command = command_line()
-        append_to_benchmarks("Our samplers vs diffusers' schedulers on the same weights", command, table)
+    publish(args, "Our samplers vs diffusers' schedulers on the same weights", table)
 
 
 if __name__ == "__main__":

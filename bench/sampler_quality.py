@@ -37,7 +37,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from bench.common import add_run_options, append_to_benchmarks, apply_threads, command_line, load_config  # noqa: E402
+from bench.common import add_run_options, apply_threads, load_config, publish  # noqa: E402
 from bench.sampler_variants import settings  # noqa: E402
 from sde import data, samplers  # noqa: E402
 from sde.inference import load_ema_model  # noqa: E402
@@ -238,14 +238,9 @@ def main() -> None:
                    f"{best_overall['fid']:.2f} = {best_overall['fid'] / floor['fid']:.2f} x the floor "
                    f"{floor['fid']:.2f}.")
     table = "\n".join(lines) + "\n\n" + "\n".join(summary)
-    print(table)
-
     plot = out / f"fid_vs_nfe_{weights_digest}.png"  # one plot per weights: older ones stay
     _plot(measured_ladder(store, prefix, sde), plot)
-    if not args.no_append:
-        command = command_line()
-        append_to_benchmarks("Sampler quality on the released model", command, table,
-                             images=[plot])
+    publish(args, "Sampler quality on the released model", table, images=[plot])
 
 
 if __name__ == "__main__":

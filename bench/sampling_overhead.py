@@ -31,7 +31,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from bench.common import add_run_options, append_to_benchmarks, apply_threads, command_line, load_config  # noqa: E402
+from bench.common import add_run_options, apply_threads, load_config, publish  # noqa: E402
 from bench.peers import CountedModel  # noqa: E402
 from bench.sampler_variants import sampler_variants, variant_label  # noqa: E402
 from sde import samplers  # noqa: E402
@@ -161,10 +161,7 @@ def main() -> None:
                   f"(goal <= {GOAL_RATIO}: {'met' if ratio <= GOAL_RATIO else 'not met'}). "
                   f"Counted NFE = nominal: {'all' if not mismatches else 'NOT for ' + ', '.join(mismatches)}."]
     table = "\n".join(lines)
-    print(table)
-    if not args.no_append:
-        command = command_line()
-        append_to_benchmarks("Sampler overhead over bare network evaluations", command, table)
+    publish(args, "Sampler overhead over bare network evaluations", table)
 
 
 if __name__ == "__main__":

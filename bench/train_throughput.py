@@ -34,7 +34,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from bench.common import append_to_benchmarks, command_line, load_config  # noqa: E402
+from bench.common import load_config, publish  # noqa: E402
 from bench.peers import matched_unet, require_diffusers  # noqa: E402
 from sde.losses import LossConfig, make_loss_fn  # noqa: E402
 from sde.models import count_parameters, create_model  # noqa: E402
@@ -167,10 +167,7 @@ def main() -> None:
         lines += ["", f"Fastest training of ours ({name}, {MODES[mode][0]}) / diffusers out of the box "
                       f"(NCHW, fp32): {ours:.1f} / {default:.1f} = {ours / default:.2f}"]
     table = "\n".join(lines)
-    print(table)
-    if not args.no_append:
-        command = command_line()
-        append_to_benchmarks("Training throughput: our U-Net vs diffusers UNet2DModel", command, table)
+    publish(args, "Training throughput: our U-Net vs diffusers UNet2DModel", table)
 
 
 if __name__ == "__main__":

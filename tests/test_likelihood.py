@@ -385,6 +385,30 @@ def test_continuous_elbo_bounds_and_nearly_equals_the_gaussian_nll(sde_name):
     assert gap.mean() < 4 * gap_standard_error + 2e-3
 
 
+def test_elbo_bands_of_the_diagnostic_bench_match_the_gaussian_closed_form():
+    """bench/elbo_by_noise_level.py splits the diffusion term by band of lambda and by pixel
+    class; with the exact eps of diagonal Gaussian data each (band, dimension) part has the
+    mean 1/2 log((1 + s^2 e^{2 hi}) / (1 + s^2 e^{2 lo})) (derivation above), and the bands
+    add up to the whole integral."""
+    from bench.elbo_by_noise_level import band_integrals
+
+    sde = VPSDE()
+    mean, std = torch.tensor([0.3, -0.2], dtype=DTYPE), torch.tensor([0.5, 0.02], dtype=DTYPE)
+    model = GaussianEps(continuous_schedule(sde), mean, torch.diag(std ** 2))
+    x = sample_gaussian(mean, torch.diag(std ** 2), 20000)
+    masks = torch.eye(2, dtype=torch.bool).expand(len(x), 2, 2)  # class c = dimension c
+    ends = sde.log_snr(torch.tensor([sde.T, 1e-5], dtype=DTYPE))
+    edges = torch.tensor([ends[0].item(), -1.0, 2.0, 5.0, ends[1].item()], dtype=DTYPE)
+    parts = band_integrals(model, sde, x, masks, edges, draws=2, generator=torch.Generator().manual_seed(0))
+    assert parts.shape == (4, len(x), 2)
+    cumulative = 0.5 * torch.log1p(std[None] ** 2 * torch.exp(2 * edges[:, None]))  # [edges, dims]
+    expected = cumulative.diff(dim=0)
+    standard_error = parts.std(1) / math.sqrt(len(x))
+    assert (abs(parts.mean(1) - expected) < 4 * standard_error + 1e-4).all(), (parts.mean(1), expected)
+    # the narrow dimension (s = 0.02) costs almost nothing until lambda passes -log s = 3.9
+    assert expected[0, 1] < 1e-3 < 1.0 < expected[3, 1]
+
+
 def test_fitted_proposal_lowers_the_variance_and_keeps_the_mean():
     """Narrow data (s = 0.05): the integrand s^2 e^{2 lambda} / (1 + s^2 e^{2 lambda}) per
     dimension is a step in lambda, which uniform lambda samples badly."""
