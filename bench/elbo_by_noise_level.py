@@ -115,12 +115,10 @@ def main() -> None:
     to_bits = 1.0 / (dims * math.log(2.0))
     diffusion = band_integrals(model, sde, x, masks, edges, args.draws, generator)
     alpha_T, sigma_T = sde.alpha(torch.tensor(sde.T)), sde.sigma(torch.tensor(sde.T))
-    variance_ratio = (sigma_T / sde.prior_std) ** 2
-    prior_per_pixel = 0.5 * (variance_ratio - 1 - torch.log(variance_ratio)
-                             + (alpha_T * x).pow(2) / sde.prior_std ** 2)
-    prior = torch.stack([(prior_per_pixel * masks[:, c]).flatten(1).sum(1)
-                         for c in range(masks.shape[1])], 1)  # [B, classes]
-    reconstruction_per_pixel = (0.5 * math.log(2 * math.pi) + 0.5 - ends[1].item()
+    prior_per_pixel = likelihood.gaussian_kl_to_prior_per_dim(alpha_T * x, sigma_T, sde.prior_std)
+    prior = torch.einsum("bd,bcd->bc", prior_per_pixel.flatten(1), masks.flatten(2).double())
+    # the same for every pixel: the bound's term plus the Jacobian of the dequantized scaling
+    reconstruction_per_pixel = (likelihood.continuous_reconstruction_per_dim(ends[1].item())
                                 - math.log(likelihood.DEQUANTIZED_SLOPE))
     reconstruction = counts * reconstruction_per_pixel
     seconds = time.perf_counter() - start

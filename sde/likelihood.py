@@ -557,12 +557,21 @@ def _diffusion_term(integrand: Callable[[Tensor, Tensor], tuple[Tensor, Tensor]]
     return total
 
 
+def gaussian_kl_to_prior_per_dim(mean: Tensor, std: Tensor, prior_std: float) -> Tensor:
+    """KL(N(mean, std^2) || N(0, prior_std^2)) of every element of ``mean``; std a scalar tensor."""
+    variance_ratio = std ** 2 / prior_std ** 2
+    return 0.5 * (variance_ratio - 1.0 - torch.log(variance_ratio) + mean.pow(2) / prior_std ** 2)
+
+
 def _gaussian_kl_to_prior(mean: Tensor, std: Tensor, prior_std: float) -> Tensor:
     """KL(N(mean, std^2 I) || N(0, prior_std^2 I)) per sample; std a scalar tensor."""
-    dims = mean[0].numel()
-    variance_ratio = std ** 2 / prior_std ** 2
-    return 0.5 * (dims * (variance_ratio - 1.0 - torch.log(variance_ratio))
-                  + mean.flatten(1).pow(2).sum(1) / prior_std ** 2)
+    return gaussian_kl_to_prior_per_dim(mean, std, prior_std).flatten(1).sum(1)
+
+
+def continuous_reconstruction_per_dim(log_snr_eps: float) -> float:
+    """The continuous bound's reconstruction term per dimension in nats, log(2 pi)/2 + 1/2 -
+    lambda(eps) (module docstring)."""
+    return 0.5 * math.log(2 * math.pi) + 0.5 - log_snr_eps
 
 
 def _check_num_times(num_times: int) -> None:
@@ -600,8 +609,7 @@ def continuous_negative_elbo(model: Model, sde: SDE, x: Tensor, *, eps: float = 
         pilot = x[:PILOT_IMAGES]
         proposal.fit(lambda points: integrand(points, pilot), pilot.shape[0], generator)
     prior = _gaussian_kl_to_prior(alpha_T * x, sigma_T, sde.prior_std)
-    reconstruction = torch.full_like(prior, dims * (0.5 * math.log(2 * math.pi) + 0.5)) \
-        - dims * log_snr_eps
+    reconstruction = torch.full_like(prior, dims * continuous_reconstruction_per_dim(log_snr_eps.item()))
     diffusion = _diffusion_term(integrand, proposal, x, num_times, generator)
     info = {"prior": prior, "reconstruction": reconstruction, "diffusion": diffusion,
             "proposal": proposal, "nfe": counted.calls}
