@@ -1,10 +1,12 @@
 """Entry point: ``python main.py --config configs/mnist_vp.py --mode train [--workdir W]``.
 
-Modes: train, sample, eval, compare, export, align_steps (one run function each). Any config key can be
-overridden on the command line, e.g. ``--config.training.n_iters=200``. A bad config or
-input -- including a bad flag or an override of a key the config does not have -- ends
-the run with one line on stderr and exit code 2, before any expensive work.
+``MODES`` is the table of modes: each is a module of ``sde/modes`` whose ``run(config,
+workdir)`` checks the config (its own keys and the shared ones) before any work, then runs.
+Any config key can be overridden on the command line, e.g. ``--config.training.n_iters=200``.
+A bad config or input -- including a bad flag or an override of a key the config does not
+have -- ends the run with one line on stderr and exit code 2, before any expensive work.
 """
+import importlib
 import importlib.util
 import os
 import sys
@@ -13,9 +15,19 @@ from pathlib import Path
 from absl import app, flags
 from ml_collections import ConfigDict, config_flags
 
+#: mode -> the module of ``sde/modes`` that runs it.
+MODES = {
+    "train": "sde.modes.train",
+    "sample": "sde.modes.sample",
+    "eval": "sde.modes.evaluate",
+    "compare": "sde.modes.compare",
+    "export": "sde.modes.export",
+    "align_steps": "sde.modes.align_steps",
+}
+
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Path to a config file (configs/*.py).", lock_config=True)
-flags.DEFINE_enum("mode", "train", ["train", "sample", "eval", "compare", "export", "align_steps"], "What to run.")
+flags.DEFINE_enum("mode", "train", list(MODES), "What to run.")
 flags.DEFINE_string("workdir", None, "Run directory (default: runs/<config file name>).")
 flags.mark_flag_as_required("config")
 
@@ -78,9 +90,16 @@ def parse_flags(argv: list[str]) -> list[str]:
         fail(message or f"bad command line: {str(error).splitlines()[0] if str(error) else type(error).__name__}")
 
 
+def run_mode(mode: str, config, workdir: str) -> dict:
+    """Run ``mode`` (a key of ``MODES``) on ``config`` in ``workdir``; returns its summary."""
+    if mode not in MODES:
+        raise ValueError(f"unknown mode {mode!r}; accepted: {', '.join(MODES)}")
+    return importlib.import_module(MODES[mode]).run(config, workdir)
+
+
 def main(argv):
     del argv
-    from sde.configuration import USER_ERRORS, run_mode
+    from sde.configuration import USER_ERRORS
 
     workdir = FLAGS.workdir or str(Path("runs") / Path(FLAGS["config"].config_filename).stem)
     try:

@@ -54,8 +54,10 @@ from bench import peers  # noqa: E402
 from bench.common import add_run_options, apply_threads, load_config, publish  # noqa: E402
 from bench.sampler_variants import sampler_variants, settings, variant_label  # noqa: E402
 from sde import data, samplers  # noqa: E402
-from sde.inference import load_ema_model, sample_generators, sample_shape  # noqa: E402
-from sde.run_eval import reference_features, sample_quality  # noqa: E402
+from sde.data import sample_shape  # noqa: E402
+from sde.generation import sample_generators  # noqa: E402
+from sde.inference import load_ema_model  # noqa: E402
+from sde.quality import reference_features, sample_quality  # noqa: E402
 from sde.sdes import create_sde  # noqa: E402
 from sde.workdir import Workdir  # noqa: E402
 

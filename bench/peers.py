@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from sde.models.unet import norm_groups
+from sde.network import CountedModel
 
 Tensor = torch.Tensor
 
@@ -153,19 +154,6 @@ def make_scheduler(name: str, sde, spacing: str = "linspace", karras: bool = Fal
     if karras:
         options["use_karras_sigmas"] = True
     return getattr(diffusers, SCHEDULERS[name])(**options)
-
-
-class CountedModel(nn.Module):
-    """``model`` with a count of its evaluations (``nfe``)."""
-
-    def __init__(self, model: Callable[[Tensor, Tensor], Tensor]):
-        super().__init__()
-        self.model = model
-        self.nfe = 0
-
-    def forward(self, x: Tensor, t: Tensor) -> Tensor:
-        self.nfe += 1
-        return self.model(x, t)
 
 
 def prior_noise(sde, shape: Sequence[int], generators: Sequence[torch.Generator]) -> Tensor:

@@ -41,8 +41,9 @@ from bench.common import add_run_options, apply_threads, load_config, publish  #
 from bench.sampler_variants import settings  # noqa: E402
 from sde import data, samplers  # noqa: E402
 from sde.inference import load_ema_model  # noqa: E402
-from sde.run_compare import _plot, parse_run  # noqa: E402
-from sde.run_eval import reference_features, sample_quality  # noqa: E402
+from sde.images import fid_vs_nfe_plot  # noqa: E402
+from sde.samplers import parse_run  # noqa: E402
+from sde.quality import reference_features, sample_quality  # noqa: E402
 from sde.sdes import create_sde  # noqa: E402
 from sde.workdir import Workdir  # noqa: E402
 
@@ -239,7 +240,7 @@ def main() -> None:
                    f"{floor['fid']:.2f}.")
     table = "\n".join(lines) + "\n\n" + "\n".join(summary)
     plot = out / f"fid_vs_nfe_{weights_digest}.png"  # one plot per weights: older ones stay
-    _plot(measured_ladder(store, prefix, sde), plot)
+    fid_vs_nfe_plot(measured_ladder(store, prefix, sde), plot)
     publish(args, "Sampler quality on the released model", table, images=[plot])
 
 

@@ -32,7 +32,7 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests"))
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from oracles import GaussianMixtureOracle  # noqa: E402  (tests/oracles.py)
+from sde.testing import GaussianMixtureOracle  # noqa: E402  (tests/oracles.py)
 from sde import samplers  # noqa: E402
 from sde.sdes import SubVPSDE, VESDE, VPSDE  # noqa: E402
 

@@ -32,10 +32,12 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from bench.common import add_run_options, apply_threads, load_config, publish  # noqa: E402
-from bench.peers import CountedModel  # noqa: E402
+from sde.network import CountedModel  # noqa: E402
 from bench.sampler_variants import sampler_variants, variant_label  # noqa: E402
 from sde import samplers  # noqa: E402
-from sde.inference import load_ema_model, sample_generators, sample_shape  # noqa: E402
+from sde.data import sample_shape  # noqa: E402
+from sde.generation import sample_generators  # noqa: E402
+from sde.inference import load_ema_model  # noqa: E402
 from sde.models import create_model  # noqa: E402
 from sde.sdes import create_sde  # noqa: E402
 

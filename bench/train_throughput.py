@@ -38,7 +38,7 @@ from bench.common import load_config, publish  # noqa: E402
 from bench.peers import matched_unet, require_diffusers  # noqa: E402
 from sde.losses import LossConfig, make_loss_fn  # noqa: E402
 from sde.models import count_parameters, create_model  # noqa: E402
-from sde.run_train import EMA, autocast_context  # noqa: E402
+from sde.modes.train import EMA, autocast_context  # noqa: E402
 from sde.sdes import create_sde  # noqa: E402
 
 #: What is timed, by the flag that selects it: (row label, training step or not, bf16 autocast).

@@ -5,6 +5,8 @@ Every key is read by the toolkit (``tests/test_configs.py`` checks that no key i
 import ml_collections
 from ml_collections.config_dict import placeholder
 
+from sde import samplers
+
 
 def get_default_config() -> ml_collections.ConfigDict:
     config = ml_collections.ConfigDict()
@@ -74,28 +76,11 @@ def get_default_config() -> ml_collections.ConfigDict:
     sampling.batch_size = 64
     sampling.seed = 0
     sampling.checkpoint = ""      # "" = latest in workdir/checkpoints
-    # Sampler options: unset (None) means the sampler's own default; see the README table.
+    # Sampler options: unset (None) means the sampler's own default. One key per option of
+    # any sampler, typed as the sampler declares it (sde/samplers/spec.py; README, Samplers).
     sampling.options = options = ml_collections.ConfigDict()
-    options.eps = placeholder(float)        # smallest t reached
-    options.denoise = placeholder(bool)     # final Tweedie step (one more NFE)
-    options.clip_x0 = placeholder(bool)     # clip the x0 prediction to [-1, 1]
-    options.schedule = placeholder(str)     # uniform | quadratic | log_snr | karras
-    options.discrete = placeholder(bool)    # ddim, dpm_solver(_sde), unipc, heun: the N DDPM steps
-    options.eta = placeholder(float)        # ddim: [0, 1]; dpm_solver_sde: >= 0
-    options.spacing = placeholder(str)      # ddim: uniform | quadratic (the DDIM paper's schedule name)
-    options.variance = placeholder(str)     # ancestral: beta | beta_tilde
-    options.method = placeholder(str)       # ode: dopri5 | euler | midpoint | rk4
-    options.rtol = placeholder(float)       # ode (dopri5)
-    options.atol = placeholder(float)       # ode (dopri5)
-    options.snr = placeholder(float)        # pc: Langevin corrector signal-to-noise ratio
-    options.n_corrector = placeholder(int)  # pc: corrector steps per predictor step
-    options.corrector_norm = placeholder(str)  # pc: sample | batch (norms in the step size)
-    options.predictor = placeholder(str)    # pc: ancestral | reverse_diffusion
-    options.order = placeholder(int)        # dpm_solver, unipc: 1, 2 or 3; dpm_solver_sde: 1 or 2
-    options.solver_type = placeholder(str)  # dpm_solver_sde: midpoint (default) | heun
-    options.lower_order_final = placeholder(bool)  # dpm_solver, unipc: lower order at the end
-    options.variant = placeholder(str)      # unipc: bh1 | bh2 (B(h) = h or 1 - e^-h)
-    options.corrector = placeholder(bool)   # unipc: the UniC corrector (False: UniP alone)
+    for name, option in sorted(samplers.config_options().items()):
+        options[name] = placeholder(option.type)
     sampling.save_trajectory = False
 
     config.eval = evaluation = ml_collections.ConfigDict()

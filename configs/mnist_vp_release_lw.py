@@ -7,12 +7,11 @@ state, the EMA restarts from the same weights) and trains with Song et al.'s (20
 likelihood weighting g(t)^2 of the score-matching loss, importance-sampled uniformly in
 log-SNR (sde/losses.py), which puts the weight of the ELBO's integrand on the low-noise
 steps where the probability-flow ODE's bits/dim are decided. The step count is what the
-protocol's 2-hour budget leaves after the release's 106 minutes: about 14 minutes, 1,000
-steps here (843 s measured). The learning rate is the default config's 2e-4 (the release
-trained at 5e-4), with a short warm-up for the fresh Adam moments. On 100
-train5k images the truncated-normal bits/dim went 1.453 -> 1.394 -> 1.371 -> 1.364 after 0,
-500, 1,000 and 1,500 steps (BENCHMARKS.md), while FID stayed at 10.6. Its eval reports
-bits/dim with truncated-normal dequantization (tau = 2, chosen on training images).
+protocol's 2-hour training budget leaves after the release's own training (train_summary
+files in release/). The learning rate is the default config's 2e-4 (the release trained at
+5e-4), with a short warm-up for the fresh Adam moments. BENCHMARKS.md ("Bits/dim of
+checkpoints") has the bits/dim along the fine-tune. Its eval reports bits/dim with
+truncated-normal dequantization (tau = 2, chosen on training images).
 """
 from configs.mnist_vp_release import get_config as get_release_config
 

@@ -5,6 +5,8 @@ from evaluation.fid import (
     FeatureSet,
     compare_feature_sets,
     image_feature_set,
+    image_fid,
+    read_images,
     reference_cache_path,
     reference_stats,
 )
@@ -21,6 +23,8 @@ __all__ = [
     "FeatureSet",
     "compare_feature_sets",
     "image_feature_set",
+    "image_fid",
+    "read_images",
     "reference_cache_path",
     "reference_stats",
     "FEATURE_DIM",

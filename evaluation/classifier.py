@@ -27,6 +27,8 @@ PIXEL_MAX = 255.0
 ASSETS_DIR = Path(__file__).resolve().parent / "assets"
 CLASSIFIER_WEIGHTS = ASSETS_DIR / "mnist_classifier.safetensors"
 CLASSIFIER_REPORT = ASSETS_DIR / "mnist_classifier.json"
+#: The shipped classifiers by name (a data set names its classifier: ``sde.data.Dataset``).
+CLASSIFIERS = {"mnist": CLASSIFIER_WEIGHTS}
 
 
 def _conv_block(in_channels: int, out_channels: int) -> nn.Sequential:
@@ -74,9 +76,12 @@ def images_to_input(images_uint8: torch.Tensor | np.ndarray, device: torch.devic
     return images.to(device=device, dtype=torch.float32) / PIXEL_MAX
 
 
-def load_classifier(path: str | Path | None = None, device: torch.device | str = "cpu") -> MnistClassifier:
-    """The shipped classifier (or the safetensors file at `path`), in eval mode on `device`."""
-    weights_path = Path(path) if path else CLASSIFIER_WEIGHTS
+def load_classifier(path: str | Path | None = None, device: torch.device | str = "cpu",
+                    name: str = "mnist") -> MnistClassifier:
+    """The shipped classifier ``name`` (or the safetensors file at `path`), in eval mode on `device`."""
+    if name not in CLASSIFIERS:
+        raise ValueError(f"unknown classifier {name!r}; shipped: {', '.join(CLASSIFIERS)}")
+    weights_path = Path(path) if path else CLASSIFIERS[name]
     if not weights_path.is_file():
         raise FileNotFoundError(
             f"MNIST classifier weights not found at {weights_path}; train them with "

@@ -205,3 +205,55 @@ def compare_feature_sets(
         "num_generated": generated.count,
         "num_reference": reference.count,
     }
+
+
+def read_images(source) -> torch.Tensor:
+    """uint8 images [N, C, H, W] from an array or tensor of that shape, an ``.npz`` file with an
+    ``images`` array (what ``--mode sample`` writes), or a folder of PNG files (sorted by name)."""
+    if isinstance(source, (str, Path)):
+        path = Path(source)
+        if path.is_dir():
+            from PIL import Image
+
+            files = sorted(path.glob("*.png"))
+            if not files:
+                raise ValueError(f"{path} holds no .png images")
+            arrays = [np.asarray(Image.open(file)) for file in files]
+            arrays = [a[None] if a.ndim == 2 else a.transpose(2, 0, 1) for a in arrays]
+            if len({a.shape for a in arrays}) != 1:
+                raise ValueError(f"the images in {path} differ in size or channels")
+            source = np.stack(arrays)
+        elif path.suffix == ".npz":
+            with np.load(path, allow_pickle=False) as arrays:
+                if "images" not in arrays:
+                    raise ValueError(f"{path} has no 'images' array (arrays: {', '.join(arrays.files)})")
+                source = arrays["images"]
+        else:
+            raise ValueError(f"{path}: give a folder of .png images, an .npz with 'images', or an array")
+    images = torch.as_tensor(np.asarray(source))
+    if images.dtype != torch.uint8 or images.ndim != 4:
+        raise ValueError(f"images must be uint8 [N, C, H, W], got {images.dtype} {tuple(images.shape)}")
+    return images
+
+
+def image_fid(images, reference, *, extractor: FeatureExtractor | None = None, batch_size: int = 100,
+              seed: int = 0) -> dict:
+    """FID and KID of ``images`` against ``reference`` (each anything ``read_images`` takes, or a
+    ``FeatureSet`` for the reference): {"fid", "kid", "kid_std", "num_generated", "num_reference"}.
+
+    ``extractor`` defaults to the standard TF Inception-v3 on the CPU. FID depends on the
+    number of images: compare numbers measured at equal counts.
+    """
+    if extractor is None:
+        from evaluation.inception import InceptionFeatures
+
+        extractor = InceptionFeatures(batch_size=batch_size)
+
+    def feature_set(source) -> FeatureSet:
+        if isinstance(source, FeatureSet):
+            return source
+        pixels = read_images(source)
+        return image_feature_set((pixels[i:i + batch_size] for i in range(0, len(pixels), batch_size)),
+                                 extractor, seed=seed)
+
+    return compare_feature_sets(feature_set(images), feature_set(reference), seed=seed)

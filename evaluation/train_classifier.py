@@ -1,8 +1,8 @@
 """Train the MNIST classifier used for sample metrics: `python -m evaluation.train_classifier`.
 
-Offline protocol (../shared/DESIGN.md): train on the MNIST test split t10k (10,000 images;
-the copy embedded in sde/assets/mnist when the data directory lacks it) and measure
-accuracy on train5k (5,000 images of the MNIST training split, disjoint from t10k). The
+The MNIST-10k protocol of the released models: train on the MNIST test split t10k (10,000
+images) and measure accuracy on train5k (5,000 images of the MNIST training split, disjoint
+from t10k); both ship in sde/assets/mnist. The
 recipe is fixed in advance; the held-out accuracy is printed per epoch for the log only —
 the weights written are those after the last epoch, never picked by held-out accuracy.
 
@@ -32,14 +32,16 @@ from evaluation.classifier import (
 from sde.data import load_mnist
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-SHARED_MNIST_DIR = REPO_ROOT.parent / "shared" / "data" / "mnist"
+#: Where the IDX files are looked for first; both splits ship inside the package (sde.data),
+#: so an empty or missing folder reads the package's copies.
+MNIST_DIR = REPO_ROOT / "data"
 TRAIN_SPLIT = "test"  # t10k: the official MNIST test split, 10,000 images
 HELD_OUT_SPLIT = "train5k"  # 5,000 images of the MNIST training split, none in t10k
 
 
-def load_mnist_split(split: str, data_dir: str | Path = SHARED_MNIST_DIR) -> tuple[np.ndarray, np.ndarray]:
+def load_mnist_split(split: str, data_dir: str | Path = MNIST_DIR) -> tuple[np.ndarray, np.ndarray]:
     """(images uint8 [N, 1, 28, 28], labels int64 [N]) of an MNIST split, MD5-checked, no download
-    (``sde.data.load_mnist``: "test" falls back to the embedded copy, "train5k" never does)."""
+    (``sde.data.load_mnist``: both splits used here ship inside the package)."""
     images, labels = load_mnist(data_dir, split, download=False)
     return images.numpy(), labels.numpy()
 
@@ -129,7 +131,7 @@ def train(args: argparse.Namespace) -> dict:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--data_dir", default=str(SHARED_MNIST_DIR), help="directory with t10k-* and train5k-* IDX files")
+    parser.add_argument("--data_dir", default=str(MNIST_DIR), help="directory with t10k-* and train5k-* IDX files (default: the package's copies)")
     parser.add_argument("--out", default=str(CLASSIFIER_WEIGHTS))
     parser.add_argument("--report", default=str(CLASSIFIER_REPORT))
     parser.add_argument("--epochs", type=int, default=20)

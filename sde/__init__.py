@@ -1,5 +1,14 @@
-"""Score-SDE toolkit: one noise-prediction network, many samplers, honest metrics."""
+"""Score-SDE toolkit: one noise-prediction network, many samplers, honest metrics.
+
+    import sde
+    pipe = sde.load("release/mnist_vp_release.safetensors")   # model, sde, config
+    x, info = pipe.sample(16, method="dpm_solver", steps=20)
+
+``sde.load`` and ``Pipeline`` (``sde/api.py``), the SDEs (``sde/sdes.py``), the samplers
+(``sde.samplers``) and the likelihoods (``sde.likelihood``) are the Python API.
+"""
 from sde import likelihood, samplers
+from sde.api import Pipeline, load
 from sde.sdes import SDE, VPSDE, SubVPSDE, VESDE, create_sde
 
-__all__ = ["SDE", "VPSDE", "SubVPSDE", "VESDE", "create_sde", "likelihood", "samplers"]
+__all__ = ["SDE", "VPSDE", "SubVPSDE", "VESDE", "Pipeline", "create_sde", "likelihood", "load", "samplers"]

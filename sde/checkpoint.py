@@ -137,6 +137,17 @@ def export_safetensors(module: torch.nn.Module, path: Path, metadata: dict[str, 
     atomic_write(Path(path), lambda handle: handle.write(payload))
 
 
+def read_safetensors_metadata(path: Path) -> dict[str, str]:
+    """The metadata of a safetensors file (its header only; no tensor is read)."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            return handle.metadata() or {}
+    except Exception as error:
+        raise CheckpointError(f"cannot read safetensors weights {path}: {error}") from error
+
+
 def import_safetensors(module: torch.nn.Module, path: Path) -> dict[str, str]:
     """Load safetensors weights into ``module`` (strict); returns the file's metadata."""
     from safetensors import safe_open

@@ -1,4 +1,4 @@
-"""Image grids, PNG / NPZ / JSON outputs, and toy-data scatter plots."""
+"""Image grids, PNG and JSON outputs, scatter plots of point data, and FID-against-NFE plots."""
 from __future__ import annotations
 
 import io
@@ -43,12 +43,6 @@ def save_json(data: dict[str, Any], path: Path) -> None:
     atomic_write(Path(path), lambda handle: handle.write(payload))
 
 
-def save_npz(path: Path, **arrays: np.ndarray) -> None:
-    buffer = io.BytesIO()
-    np.savez_compressed(buffer, **arrays)
-    atomic_write(Path(path), lambda handle: handle.write(buffer.getvalue()))
-
-
 def scatter_png(points: np.ndarray, path: Path, title: str = "", reference: np.ndarray | None = None) -> None:
     """Scatter plot of 2-D samples (toy data), with the data set in grey behind them."""
     import matplotlib
@@ -66,3 +60,48 @@ def scatter_png(points: np.ndarray, path: Path, title: str = "", reference: np.n
     figure.savefig(buffer, format="png", bbox_inches="tight")
     plt.close(figure)
     atomic_write(Path(path), lambda handle: handle.write(buffer.getvalue()))
+
+
+#: Series whose legend fits beside the plot; more go below it.
+LEGEND_BESIDE_MAX = 12
+
+
+def fid_vs_nfe_plot(rows: list[dict[str, Any]], path: Path) -> None:
+    """FID against NFE on log-log axes, one line per sampler (``rows``: dicts with sampler,
+    nfe, fid, as ``--mode compare`` writes them); a variant measured at one NFE is a marker."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    series = sorted({row["sampler"] for row in rows})
+    crowded = len(series) > LEGEND_BESIDE_MAX  # then the legend goes below, in two columns
+    legend_rows = math.ceil(len(series) / 2) if crowded else 0
+    figure, axis = plt.subplots(figsize=(7.5, 4 + 0.2 * legend_rows), dpi=120)
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for index, sampler in enumerate(series):
+        points = sorted((row["nfe"], row["fid"]) for row in rows if row["sampler"] == sampler)
+        # past the colour cycle, the same colours come back with another marker and line style;
+        # a variant measured at one NFE is a marker alone, so that lines stay for ladders
+        lap = index // len(colors)
+        single = len(points) == 1
+        axis.plot([p[0] for p in points], [p[1] for p in points], label=sampler,
+                  color=colors[index % len(colors)], marker="osD^v"[lap % 5],
+                  markersize=7 if single else 5,
+                  linestyle="none" if single else ["-", "--", ":", "-."][lap % 4])
+    axis.set_xscale("log")
+    axis.set_yscale("log")  # FIDs span 10 to several hundred
+    plain = matplotlib.ticker.FuncFormatter(lambda value, _: f"{value:g}")
+    axis.yaxis.set_major_formatter(plain)
+    axis.yaxis.set_minor_formatter(plain)
+    axis.set_xlabel("network evaluations per sample (NFE)")
+    axis.set_ylabel("FID")
+    axis.grid(True, which="both", alpha=0.3)
+    if crowded:
+        axis.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.14), ncol=2)
+    else:
+        axis.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", bbox_inches="tight")
+    plt.close(figure)
+    atomic_write(path, lambda handle: handle.write(buffer.getvalue()))

@@ -4,7 +4,6 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from sde import checkpoint
@@ -80,25 +79,3 @@ def check_exported_config(config, metadata: dict[str, str], source: Path) -> Non
     if differences:
         raise ValueError(f"{source} was trained with a different config: {'; '.join(differences)}; "
                          f"use the config it was exported with (its metadata holds it)")
-
-
-def sample_generators(seed: int, first: int, count: int, device: torch.device) -> list[torch.Generator]:
-    """One generator per sample: image k of a run with seed s is drawn from generator (s, k).
-
-    Seeds come from numpy's SeedSequence over the words (s, k), so they are well mixed and
-    image k is the same whatever the batch size (EDM's per-seed generators).
-    """
-    generators = []
-    for index in range(first, first + count):
-        words = np.random.SeedSequence([seed, index]).generate_state(2, dtype=np.uint32)
-        generator = torch.Generator(device=device)
-        generator.manual_seed(int(words[0]) << 32 | int(words[1]))
-        generators.append(generator)
-    return generators
-
-
-def sample_shape(config, count: int) -> tuple[int, ...]:
-    """Shape of ``count`` samples of the configured data: [count, 2] (toy) or [count, C, H, W]."""
-    if config.data.dataset == "toy":
-        return (count, 2)
-    return (count, config.data.num_channels, config.data.image_size, config.data.image_size)

@@ -5,11 +5,12 @@ import pytest
 
 from configs import tiny
 
-MNIST_DIR = Path(__file__).resolve().parents[2] / "shared" / "data" / "mnist"
+#: The MNIST files shipped in the package (the test split and train5k), MD5-checked on read.
+MNIST_DIR = Path(__file__).resolve().parents[1] / "sde" / "assets" / "mnist"
 
 
 def make_tiny_config(continuous: bool = True, **training):
-    """configs/tiny.py on the shared MNIST test split, offline."""
+    """configs/tiny.py on the MNIST test split shipped in the package, offline."""
     config = tiny.get_config()
     config.data.data_dir = str(MNIST_DIR)
     config.data.split = "test"
@@ -23,7 +24,7 @@ def make_tiny_config(continuous: bool = True, **training):
 @pytest.fixture(scope="session")
 def tiny_run(tmp_path_factory):
     """(config, workdir) of a 6-step continuous VP run."""
-    from sde.run_train import train
+    from sde.modes.train import train
 
     config = make_tiny_config()
     workdir = tmp_path_factory.mktemp("tiny_vp")
@@ -34,7 +35,7 @@ def tiny_run(tmp_path_factory):
 @pytest.fixture(scope="session")
 def tiny_ddpm_run(tmp_path_factory):
     """(config, workdir) of a 6-step discrete DDPM run."""
-    from sde.run_train import train
+    from sde.modes.train import train
 
     config = make_tiny_config(continuous=False)
     workdir = tmp_path_factory.mktemp("tiny_ddpm")

@@ -8,7 +8,7 @@ import pytest
 import torch
 from scipy import integrate, optimize
 
-from oracles import GaussianMixtureOracle
+from sde.testing import GaussianMixtureOracle
 from sde import VESDE, VPSDE, samplers
 from sde.samplers import align_steps
 from sde.samplers.schedules import time_steps
@@ -104,7 +104,7 @@ def test_fit_rejects_a_schedule_without_interior_levels():
 
 @pytest.mark.slow
 def test_align_steps_mode_writes_a_schedule_that_sample_mode_uses(tiny_run):
-    from sde.configuration import run_mode
+    from main import run_mode
 
     config, workdir = tiny_run
     config = config.copy_and_resolve_references()

@@ -24,7 +24,7 @@ from scipy import integrate
 from configs.default import get_default_config
 from sde import data
 
-EMBEDDED_MNIST = Path(data.__file__).parent / "assets" / "mnist"
+EMBEDDED_MNIST = Path(data.__file__).parents[1] / "assets" / "mnist"
 MNIST_TEST_SIZE = 10_000
 CIFAR_PIXELS = data.CIFAR10_NUM_CHANNELS * data.CIFAR10_IMAGE_SIZE ** 2
 
@@ -184,11 +184,31 @@ def test_not_gzip_is_an_error_naming_the_file(tmp_path):
         data.read_idx(tmp_path / image_name, expected_magic=data.IDX_IMAGES_MAGIC)
 
 
-def test_embedded_copy_is_the_published_test_split():
-    for name in data.MNIST_SPLIT_FILES["test"]:
-        assert hashlib.md5((EMBEDDED_MNIST / name).read_bytes()).hexdigest() == data.MNIST_MD5[name]
+def test_embedded_copies_are_the_published_files():
+    for split in data.MNIST_EMBEDDED_SPLITS:
+        for name in data.MNIST_SPLIT_FILES[split]:
+            assert hashlib.md5((EMBEDDED_MNIST / name).read_bytes()).hexdigest() == data.MNIST_MD5[name]
     assert data.MNIST_MD5["t10k-images-idx3-ubyte.gz"] == "9fb629c4189551a2d022fa330f9573f3"
     assert data.MNIST_MD5["t10k-labels-idx1-ubyte.gz"] == "ec29112dd5afa0611ce80d1b7f02629c"
+    assert data.MNIST_MD5["train5k-images-idx3-ubyte.gz"] == "6057ca5a67cd8660e9946050476aec42"
+    assert data.MNIST_MD5["train5k-labels-idx1-ubyte.gz"] == "f4e4f8640ad2a3b028472f5598c37e79"
+
+
+def test_embedded_splits_load_with_no_files_no_network_and_no_warning(tmp_path):
+    """A clone with nothing beside it has the MNIST-10k protocol's two splits: t10k (train
+    on it) and train5k (held out), read from the package and checked against their MD5s."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        test_images, test_labels = data.load_mnist(tmp_path, "test", download=True, fetch=no_network)
+        heldout_images, heldout_labels = data.load_mnist(tmp_path, "train5k", download=True, fetch=no_network)
+    assert test_images.shape == (MNIST_TEST_SIZE, 1, 28, 28) and test_labels[:5].tolist() == [7, 2, 1, 0, 4]
+    assert heldout_images.shape == (5000, 1, 28, 28)
+    assert torch.bincount(heldout_labels).tolist() == [500] * 10  # 500 per class, sorted by class
+    assert heldout_labels[:500].eq(0).all() and heldout_labels[-500:].eq(9).all()
+    # held out: no train5k image is one of the test split's (which the release trains on)
+    test_rows = {bytes(row) for row in test_images.flatten(1).numpy()}
+    assert not any(bytes(row) in test_rows for row in heldout_images.flatten(1).numpy())
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_missing_files_without_download_fall_back_to_embedded_test_split_with_warning(tmp_path):
@@ -226,7 +246,7 @@ def test_downloaded_file_with_wrong_md5_is_discarded(tmp_path):
         destination.write_bytes(gzip.compress(idx_bytes(np.zeros(3, np.uint8))))
 
     with pytest.warns(data.EmbeddedMNISTWarning, match="MD5"):
-        data.load_mnist(tmp_path, "test", download=True, fetch=wrong_file)
+        data.load_mnist(tmp_path, "train", download=True, fetch=wrong_file)
     assert list(tmp_path.iterdir()) == []
 
 
@@ -246,11 +266,11 @@ def test_successful_download_is_used_without_warning(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(served)
 
 
-def test_train5k_is_never_replaced_by_the_embedded_copy(tmp_path):
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
-        with pytest.raises(FileNotFoundError, match="train5k"):
-            data.load_mnist(tmp_path, "train5k", download=True, fetch=no_network)
+def test_a_corrupt_local_train5k_is_an_error_not_replaced_by_the_embedded_copy(tmp_path):
+    images, labels = small_mnist()
+    write_mnist(tmp_path, "train5k", images, labels)  # valid IDX, but not the published file
+    with pytest.raises(ValueError, match="train5k-images-idx3-ubyte.gz: MD5"):
+        data.load_mnist(tmp_path, "train5k", download=True, fetch=no_network)
 
 
 def test_load_dataset_reads_local_files_and_filters_classes(tmp_path):
@@ -288,7 +308,7 @@ def test_test_pickles_are_faithful_to_the_published_format():
 
 
 def test_cifar10_class_filter_through_load_dataset(tmp_path, monkeypatch):
-    monkeypatch.setattr(data, "CIFAR10_MD5", {})
+    monkeypatch.setattr(data.cifar10, "CIFAR10_MD5", {})
     write_cifar(tmp_path, images_per_batch=20)
     config = mnist_config(tmp_path, dataset="cifar10", image_size=32, num_channels=3)
     all_images, all_labels = data.load_dataset(config, "train")
@@ -389,12 +409,12 @@ def test_image_shape_mismatch_names_both_values(tmp_path):
 
 
 def test_unknown_dataset_lists_valid_names(tmp_path):
-    with pytest.raises(ValueError, match="unknown dataset 'imagenet'; valid: mnist, cifar10, toy"):
+    with pytest.raises(ValueError, match="unknown dataset 'imagenet'; valid: cifar10, mnist, toy"):
         data.load_dataset(mnist_config(tmp_path, dataset="imagenet"))
 
 
 def test_random_flip_is_refused_for_mnist(tmp_path):
-    with pytest.raises(ValueError, match="random_flip is only for cifar10"):
+    with pytest.raises(ValueError, match="random_flip is refused for mnist"):
         data.load_dataset(mnist_config(tmp_path, random_flip=True))
 
 

@@ -49,7 +49,7 @@ ADAM_STEP_BOUND = 4
 
 
 def ddp_config(n_iters: int = N_ITERS):
-    """configs/tiny.py on the shared MNIST test split, no dropout, cheap final sample grid."""
+    """configs/tiny.py on the MNIST test split, no dropout, cheap final sample grid."""
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     from conftest import make_tiny_config
 
@@ -63,11 +63,12 @@ def ddp_config(n_iters: int = N_ITERS):
 
 # ---- the worker (one per rank, under torchrun) -----------------------------------------
 def run_worker(workdir: Path, out_dir: Path, n_iters: int) -> None:
-    """Train with ``sde.run_train.train`` and record, per rank, what it wrote and its weights.
+    """Train with ``sde.modes.train.train`` and record, per rank, what it wrote and its weights.
 
     The recording wrappers call through to the real functions; they only note the rank.
     """
-    from sde import checkpoint, distributed, run_train, workdir as workdir_module
+    from sde import checkpoint, distributed, workdir as workdir_module
+    from sde.modes import train as run_train
 
     rank = int(os.environ["RANK"])
     writes: list[str] = []
@@ -140,9 +141,9 @@ def evaluation_config():
 def run_modes(workdir: Path) -> dict:
     """``--mode eval``, ``compare`` and ``sample`` on ``workdir`` (the caller has replaced
     ``evaluation.InceptionFeatures`` by `PooledPixels`)."""
-    from sde.run_compare import compare
-    from sde.run_eval import evaluate
-    from sde.run_sample import sample
+    from sde.modes.compare import compare
+    from sde.modes.evaluate import evaluate
+    from sde.modes.sample import sample
 
     config = evaluation_config()
     return {"eval": evaluate(config, workdir), "compare": compare(config, workdir),
@@ -268,7 +269,7 @@ def assert_close(actual: torch.Tensor, expected: torch.Tensor, name: str) -> Non
 @pytest.mark.slow
 def test_two_gloo_ranks_match_each_other_and_a_single_process(tmp_path, launch):
     from sde import checkpoint
-    from sde.run_train import train
+    from sde.modes.train import train
 
     workdir, out_dir = tmp_path / "ddp", tmp_path / "out"
     out_dir.mkdir()
@@ -426,7 +427,7 @@ def test_classifier_sums_of_shares_equal_one_process():
 
 
 def test_npz_rows_stream_into_a_file_numpy_reads(tmp_path):
-    from sde.run_sample import write_npz_rows
+    from sde.modes.sample import write_npz_rows
 
     array = np.random.default_rng(0).integers(0, 256, size=(7, 1, 4, 4), dtype=np.uint8)
     path = tmp_path / "samples.npz"

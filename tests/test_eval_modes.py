@@ -4,8 +4,7 @@ import json
 
 import pytest
 
-from sde.run_compare import parse_run, validate_runs
-from sde.run_eval import evaluate
+from sde.modes.evaluate import evaluate
 
 pytestmark = pytest.mark.slow
 
@@ -32,7 +31,7 @@ def test_eval_mode_writes_report(tiny_run):
 
 
 def test_compare_mode_writes_tables_and_plot(tiny_run):
-    from sde.run_compare import compare
+    from sde.modes.compare import compare
 
     config, workdir = tiny_run
     config = small_eval_config(config)
@@ -46,9 +45,3 @@ def test_compare_mode_writes_tables_and_plot(tiny_run):
     assert (out / "fid_vs_nfe.png").stat().st_size > 0 and (out / "results.md").exists()
     assert json.loads((out / "results.json").read_text())["num_samples"] == 8
 
-
-def test_compare_entries_are_parsed_and_checked():
-    assert parse_run("ddim:50:eta=1.0,schedule=quadratic") == (
-        "ddim", 50, {"eta": 1.0, "schedule": "quadratic"})
-    with pytest.raises(ValueError, match="not 'method:steps'"):
-        parse_run("ddim")

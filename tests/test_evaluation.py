@@ -25,7 +25,7 @@ from evaluation import (
 from evaluation.classifier import CLASSIFIER_WEIGHTS, classifier_report, total_variation_from_uniform
 from evaluation.inception import TF_PIXEL_CENTER, inception_input, tf_bilinear_resize
 from evaluation.kid import mmd2_unbiased
-from evaluation.train_classifier import HELD_OUT_SPLIT, SHARED_MNIST_DIR, TRAIN_SPLIT, accuracy, load_mnist_split
+from evaluation.train_classifier import HELD_OUT_SPLIT, TRAIN_SPLIT, accuracy, load_mnist_split
 
 IMAGENET_MEAN_RGB = np.array([123.68, 116.78, 103.94])  # the ImageNet training-set mean pixel
 
@@ -41,8 +41,6 @@ def random_spd(rng, dim):
 
 
 def held_out_digits():
-    if not (SHARED_MNIST_DIR / "train5k-images-idx3-ubyte.gz").is_file():
-        pytest.skip(f"train5k (held-out MNIST) not found in {SHARED_MNIST_DIR}")
     return load_mnist_split(HELD_OUT_SPLIT)
 
 
@@ -176,6 +174,61 @@ def test_kid_near_zero_for_same_distribution_and_positive_for_shifted():
         kid(same, reference[:, :5])
 
 
+def reference_mmd2(x, y):
+    """Unbiased MMD^2 (Gretton et al. 2012, Lemma 6) under k(a, b) = (a . b / d + 1)^3
+    (Bińkowski et al. 2018), from the definition: mean of k over the pairs i != j within
+    each set, minus twice the mean over all cross pairs."""
+    d = x.shape[1]
+    off_diagonal = ~np.eye(len(x), dtype=bool)
+    within = [((s @ s.T / d + 1) ** 3)[off_diagonal].mean() for s in (x, y)]
+    return within[0] + within[1] - 2 * ((x @ y.T / d + 1) ** 3).mean()
+
+
+def reference_kid(x, y, num_subsets, subset_size, seed):
+    """KID's protocol (Bińkowski et al.'s code, torch-fidelity): per subset, subset_size rows of
+    each set drawn without replacement (set 1 first) from one numpy Generator seeded with
+    ``seed``; (mean, population std) of the per-subset MMD^2."""
+    rng = np.random.default_rng(seed)
+    estimates = [reference_mmd2(x[rng.choice(len(x), subset_size, replace=False)],
+                                y[rng.choice(len(y), subset_size, replace=False)])
+                 for _ in range(num_subsets)]
+    return np.mean(estimates), np.std(estimates)
+
+
+def test_kid_mean_and_std_match_a_reference_over_the_same_subsets():
+    """Seven subsets of 20 out of sets of 60 and 45: the number and the size of the subsets
+    are pinned by the std (and the mean) of the estimates, which change when the two are
+    swapped (20 subsets of 7). With subsets as large as both sets the estimate is the
+    whole sets' MMD^2 and the std is exactly 0; with more requested than the smaller set
+    holds, the size becomes the smaller set's size (45)."""
+    rng = np.random.default_rng(11)
+    x, y = rng.normal(size=(60, 4)), rng.normal(size=(45, 4)) * 1.3 + 0.4
+    mean, std = kid(x, y, num_subsets=7, subset_size=20, seed=5)
+    expected_mean, expected_std = reference_kid(x, y, 7, 20, seed=5)
+    assert mean == pytest.approx(expected_mean, rel=1e-9)
+    assert std == pytest.approx(expected_std, rel=1e-9)
+    swapped = reference_kid(x, y, 20, 7, seed=5)
+    assert abs(swapped[1] - expected_std) > 0.1 * expected_std  # the check can tell them apart
+
+    assert kid(x, y, num_subsets=3, subset_size=1000, seed=2) == pytest.approx(
+        reference_kid(x, y, 3, 45, seed=2), rel=1e-9)
+    whole = kid(x[:45], y, num_subsets=5, subset_size=45, seed=1)
+    assert whole == (pytest.approx(reference_mmd2(x[:45], y), rel=1e-9), 0.0)
+
+
+def test_kid_defaults_are_100_subsets_of_1000():
+    """The protocol of Bińkowski et al. and torch-fidelity, also in compare_feature_sets."""
+    import inspect
+
+    from evaluation.kid import KID_NUM_SUBSETS, KID_SUBSET_SIZE
+
+    assert (KID_NUM_SUBSETS, KID_SUBSET_SIZE) == (100, 1000)
+    kid_defaults = inspect.signature(kid).parameters
+    assert (kid_defaults["num_subsets"].default, kid_defaults["subset_size"].default) == (100, 1000)
+    compare_defaults = inspect.signature(compare_feature_sets).parameters
+    assert (compare_defaults["kid_subsets"].default, compare_defaults["kid_subset_size"].default) == (100, 1000)
+
+
 # ---------------------------------------------------------------- KID reservoir
 
 def test_reservoir_keeps_everything_below_capacity_in_order():
@@ -254,6 +307,21 @@ def test_compare_feature_sets_same_vs_different_images():
     near, far = compare_feature_sets(same, reference, kid_subsets=10), compare_feature_sets(brighter, reference, kid_subsets=10)
     assert near["num_generated"] == near["num_reference"] == 300
     assert near["fid"] < 0.05 * far["fid"] and abs(near["kid"]) < 0.05 * far["kid"]
+
+
+def test_compare_feature_sets_passes_the_kid_subsets_through():
+    """KID of two feature sets = the reference KID of their reservoirs' features, with the
+    requested number and size of subsets (7 of 20; swapped they give another std)."""
+    generated = image_feature_set(tiny_image_batches(3, count=60), flatten_extractor, kid_capacity=50)
+    reference = image_feature_set(tiny_image_batches(4, count=40), flatten_extractor)
+    metrics = compare_feature_sets(generated, reference, kid_subsets=7, kid_subset_size=20, seed=3)
+    features = [np.asarray(s.reservoir.features, dtype=np.float64) for s in (generated, reference)]
+    assert features[0].shape == (50, 9) and features[1].shape == (40, 9)
+    expected_mean, expected_std = reference_kid(*features, 7, 20, seed=3)
+    assert metrics["kid"] == pytest.approx(expected_mean, rel=1e-9)
+    assert metrics["kid_std"] == pytest.approx(expected_std, rel=1e-9)
+    assert abs(reference_kid(*features, 20, 7, seed=3)[1] - expected_std) > 0.1 * expected_std
+    assert metrics["fid"] == pytest.approx(fid(generated.stats, reference.stats), rel=1e-12)
 
 
 # ---------------------------------------------------------------- Inception: preprocessing and weights

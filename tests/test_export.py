@@ -5,7 +5,7 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from sde.configuration import run_mode
+from main import run_mode
 from sde.inference import load_ema_model
 from sde.workdir import Workdir
 

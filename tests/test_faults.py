@@ -32,16 +32,17 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from conftest import MNIST_DIR, make_tiny_config  # noqa: E402
 
 from sde import checkpoint  # noqa: E402
-from sde.configuration import USER_ERRORS, run_mode  # noqa: E402
+from main import run_mode  # noqa: E402
+from sde.configuration import USER_ERRORS  # noqa: E402
 from sde.models import create_model  # noqa: E402
-from sde.run_train import train  # noqa: E402
+from sde.modes.train import train  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 #: Seconds any one CLI run may take before the test kills it and fails.
 CLI_TIMEOUT_S = 180
 #: The subprocess environment: one thread per process (2 busy cores) and no traceback escape.
 CLI_ENV = {**{k: v for k, v in os.environ.items() if k != "SDE_TRACEBACK"}, "OMP_NUM_THREADS": "1"}
-#: The tiny config on the shared MNIST test split, offline (as conftest.make_tiny_config).
+#: The tiny config on the embedded MNIST test split, offline (as conftest.make_tiny_config).
 TINY_ARGS = ("--config", "configs/tiny.py", f"--config.data.data_dir={MNIST_DIR}",
              "--config.data.split=test", "--config.data.download=False")
 SIGNAL_MESSAGE = re.compile(r"(SIGTERM|SIGINT) received: saved checkpoint of step (\d+); run the same command to resume")
@@ -89,9 +90,12 @@ def _corrupt_images(change: Callable[[bytes], bytes], compressed: bool = True) -
     return prepare
 
 
-def _empty_data_dir(tmp: Path) -> list[str]:
-    (tmp / "empty").mkdir(exist_ok=True)
-    return [f"--config.data.data_dir={tmp / 'empty'}"]
+def _damaged_heldout_file(tmp: Path) -> list[str]:
+    """A data folder whose train5k images file is there but is not the published one."""
+    folder = tmp / "damaged"
+    folder.mkdir(exist_ok=True)
+    (folder / "train5k-images-idx3-ubyte.gz").write_bytes(gzip.compress(b"\x00\x00\x08\x03" + bytes(12)))
+    return [f"--config.data.data_dir={folder}"]
 
 
 def _workdir_under_a_file(tmp: Path) -> list[str]:
@@ -120,7 +124,7 @@ BAD_INPUTS: tuple[BadInput, ...] = (
     BadInput("unknown sampler", ("--config.sampling.method=euler",),
              r"unknown sampling\.method 'euler'; accepted: ancestral, ddim, .*heun"),
     BadInput("unknown dataset", ("--config.data.dataset=imagenet",),
-             r"unknown data\.dataset 'imagenet'; accepted: mnist, cifar10, toy"),
+             r"unknown data\.dataset 'imagenet'; accepted: cifar10, mnist, toy"),
     BadInput("unknown model", ("--config.model.name=resnet",), r"unknown model\.name 'resnet'; accepted: unet, mlp"),
     BadInput("unknown sde schedule", ("--config.sde.schedule=quadratic",),
              r"unknown sde\.schedule 'quadratic'; accepted: linear, cosine"),
@@ -133,11 +137,11 @@ BAD_INPUTS: tuple[BadInput, ...] = (
     BadInput("sampling.steps 0", ("--config.sampling.steps=0",), r"sampling\.steps must be a positive integer, got 0"),
     BadInput("sample mode: num_samples 0", ("--config.sampling.num_samples=0",),
              r"sampling\.num_samples must be a positive integer, got 0", mode="sample"),
-    BadInput("eta 1.5", ("--config.sampling.options.eta=1.5",), r"sampling\.options\.eta must be in \[0, 1\], got 1\.5"),
+    BadInput("eta 1.5", ("--config.sampling.options.eta=1.5",), r"sampling\.options: eta must lie in \[0, 1\], got 1\.5"),
     BadInput("eta -0.1", ("--config.sampling.options.eta=-0.1",),
-             r"sampling\.options\.eta must be in \[0, 1\], got -0\.1"),
+             r"sampling\.options: eta must lie in \[0, 1\], got -0\.1"),
     BadInput("sampling eps 0", ("--config.sampling.options.eps=0.0",),
-             r"sampling\.options\.eps must be in \(0, 1\), got 0\.0"),
+             r"sampling\.options: eps must lie in \(0, T=1\), got 0\.0"),
     BadInput("training eps 1", ("--config.training.eps=1.0",), r"training\.eps must be in \(0, 1\), got 1\.0"),
     BadInput("image_size 32", ("--config.data.image_size=32",),
              r"mnist images are 28x28 with 1 channel\(s\), but the config has image_size=32, num_channels=1"),
@@ -168,9 +172,9 @@ BAD_INPUTS: tuple[BadInput, ...] = (
     BadInput("dataset file with one flipped bit", (),
              r"t10k-images-idx3-ubyte\.gz: MD5 \w+ does not match the published",
              prepare=_corrupt_images(lambda raw: raw[:5000] + bytes([raw[5000] ^ 1]) + raw[5001:])),
-    BadInput("missing held-out split", ("--config.data.split=train5k",),
-             r"MNIST split 'train5k': train5k-images-idx3-ubyte\.gz, train5k-labels-idx1-ubyte\.gz not found in ",
-             prepare=_empty_data_dir),
+    BadInput("damaged data file", ("--config.data.split=train5k",),
+             r"train5k-images-idx3-ubyte\.gz: MD5 \w+ does not match the published 6057ca5a",
+             prepare=_damaged_heldout_file),
     BadInput("unwritable workdir", (), r"workdir \S+/a_file/run cannot be created: Not a directory",
              prepare=_workdir_under_a_file),
     BadInput("sample: missing schedule file", ("--config.sampling.options.schedule=missing.json",),

@@ -283,6 +283,32 @@ def test_bits_per_dim_change_of_variables_by_hand():
     assert standard_error > info["estimator_standard_error"] > 0
 
 
+def test_mean_and_standard_error_match_numpy():
+    """values [images, repeats]: images are the independent unit, so the standard error is
+    the sample std (ddof = 1) of the per-image means over sqrt(images); with one image, the
+    std over the repeats over sqrt(repeats); the estimator standard error is
+    sqrt(mean within-image variance (ddof = 1) / (images * repeats)), undefined (nan)
+    without repeats, as the standard error is with a single value."""
+    values = torch.randn(5, 4, generator=torch.Generator().manual_seed(0), dtype=DTYPE) * 3 + 2
+    table = values.numpy()
+    mean, standard_error, estimator = likelihood.mean_and_standard_error(values)
+    assert mean == pytest.approx(table.mean(), rel=1e-12)
+    assert standard_error == pytest.approx(table.mean(1).std(ddof=1) / math.sqrt(5), rel=1e-12)
+    assert estimator == pytest.approx(math.sqrt(table.var(1, ddof=1).mean() / (5 * 4)), rel=1e-12)
+
+    one_image = values[:1]  # [1, 4]: the spread over the repeats is all there is
+    _, standard_error, estimator = likelihood.mean_and_standard_error(one_image)
+    assert standard_error == pytest.approx(table[0].std(ddof=1) / math.sqrt(4), rel=1e-12)
+    assert estimator == pytest.approx(math.sqrt(table[0].var(ddof=1) / 4), rel=1e-12)
+
+    one_repeat = values[:, :1]  # [5, 1]: no within-image spread to measure
+    mean, standard_error, estimator = likelihood.mean_and_standard_error(one_repeat)
+    assert mean == pytest.approx(table[:, 0].mean(), rel=1e-12)
+    assert standard_error == pytest.approx(table[:, 0].std(ddof=1) / math.sqrt(5), rel=1e-12)
+    assert math.isnan(estimator)
+    assert math.isnan(likelihood.mean_and_standard_error(values[:1, :1])[1])
+
+
 @pytest.mark.parametrize("dequantized_grid", [False, True])
 def test_truncated_normal_dequantization_bounds_the_exact_pixel_nll(dequantized_grid):
     """1-D pixels from a pmf over the 256 grid values the network 'was trained on', and the
@@ -383,6 +409,60 @@ def test_continuous_elbo_bounds_and_nearly_equals_the_gaussian_nll(sde_name):
     gap_standard_error = gap.std() / math.sqrt(len(gap))
     assert gap.mean() > -4 * gap_standard_error
     assert gap.mean() < 4 * gap_standard_error + 2e-3
+
+
+def test_gaussian_kl_to_prior_per_dim_is_torch_kl_divergence():
+    generator = torch.Generator().manual_seed(0)
+    mean = torch.randn(3, 4, generator=generator, dtype=DTYPE) * 2
+    for std, prior_std in ((0.3, 1.0), (1.7, 1.0), (0.9, 2.5)):
+        std = torch.tensor(std, dtype=DTYPE)
+        expected = torch.distributions.kl_divergence(
+            torch.distributions.Normal(mean, std.expand_as(mean)),
+            torch.distributions.Normal(torch.zeros_like(mean), torch.full_like(mean, prior_std)))
+        torch.testing.assert_close(likelihood.gaussian_kl_to_prior_per_dim(mean, std, prior_std),
+                                   expected, rtol=1e-12, atol=1e-14)
+
+
+@pytest.mark.parametrize("sde_name", ["vp", "ve"])
+def test_continuous_elbo_prior_term_is_the_closed_form_kl(sde_name):
+    """With the default SDEs alpha_T x is ~0.007 x (VP) or sigma_T = 50 dwarfs x (VE), so the
+    prior term is ~1e-5 nats and invisible in the total; here the SDEs end far from their
+    prior. KL(N(alpha_T x, sigma_T^2 I) || N(0, pi^2 I)) = sum_d 1/2 [sigma_T^2 / pi^2 - 1
+    - log(sigma_T^2 / pi^2) + (alpha_T x_d)^2 / pi^2], with (Song et al. 2021, eqs. 29-33):
+
+    VP, beta(t) = b0 + t (b1 - b0): log alpha_T = -(b0 + b1) / 4 at T = 1, sigma_T^2 =
+        1 - alpha_T^2, pi = 1; with b0 = 0.1, b1 = 1: alpha_T = 0.760, sigma_T^2 = 0.423,
+        1/2 (0.423 - 1 + 0.860) + 0.289 x_d^2 = 0.142 + 0.289 x_d^2 per dimension.
+    VE: alpha_T = 1, sigma_T = sigma_max = pi: only x_d^2 / (2 sigma_max^2) remains
+        (sigma_max = 1.5: 0.222 x_d^2).
+    The reconstruction term is D (log(2 pi) / 2 + 1/2 - lambda(eps)) (module docstring) with
+    lambda = log alpha - 1/2 log(1 - alpha^2) on VP and -log sigma on VE; the model (eps = 0)
+    only affects the diffusion term, and the three parts add up to the bound.
+    """
+    b0, b1, sigma_min, sigma_max, eps = 0.1, 1.0, 0.01, 1.5, 1e-3
+    sde = VPSDE(beta_min=b0, beta_max=b1) if sde_name == "vp" else VESDE(sigma_min, sigma_max)
+    x = torch.tensor([[1.0, -0.5, 0.25], [-1.5, 2.0, 0.0], [0.3, 0.3, -0.9]], dtype=DTYPE)
+    bound, info = likelihood.continuous_negative_elbo(
+        lambda x_t, t: torch.zeros_like(x_t), sde, x, eps=eps,
+        generator=torch.Generator().manual_seed(0))
+
+    if sde_name == "vp":
+        alpha_T, prior_var = math.exp(-(b0 + b1) / 4), 1.0
+        sigma_T_sq = 1 - alpha_T ** 2
+        alpha_eps = math.exp(-b0 * eps / 2 - (b1 - b0) * eps ** 2 / 4)
+        log_snr_eps = math.log(alpha_eps) - 0.5 * math.log(1 - alpha_eps ** 2)
+    else:
+        alpha_T, prior_var, sigma_T_sq = 1.0, sigma_max ** 2, sigma_max ** 2
+        log_snr_eps = -math.log(sigma_min * (sigma_max / sigma_min) ** eps)
+    ratio = sigma_T_sq / prior_var
+    prior = (0.5 * (ratio - 1 - math.log(ratio) + (alpha_T * x) ** 2 / prior_var)).sum(1)
+    assert prior.min() > 0.1  # far above the ~0.1-nat noise band of the Monte Carlo tests
+    torch.testing.assert_close(info["prior"], prior, rtol=1e-10, atol=0)
+    reconstruction = 3 * (0.5 * math.log(2 * math.pi) + 0.5 - log_snr_eps)
+    torch.testing.assert_close(info["reconstruction"], torch.full((3,), reconstruction, dtype=DTYPE),
+                               rtol=1e-10, atol=0)
+    torch.testing.assert_close(bound, info["prior"] + info["reconstruction"] + info["diffusion"],
+                               rtol=1e-12, atol=1e-12)
 
 
 def test_elbo_bands_of_the_diagnostic_bench_match_the_gaussian_closed_form():
@@ -488,6 +568,60 @@ def test_ddpm_elbo_bounds_the_exact_pixel_nll():
     assert gap.mean() < 1.0
 
 
+class ZeroDenoiser(torch.nn.Module):
+    """eps_theta(x_i, t_i) = x_i / sigma_i on the DDPM tables: x0_theta = (x - sigma eps) /
+    alpha = 0 at every step, whatever the noise drawn. A float64 module, so that the bound
+    calls it in float64 (a plain function would get the float32 default for uint8 input)."""
+
+    def __init__(self, sde):
+        super().__init__()
+        self.schedule = ddpm_schedule(sde)
+        self.unused = torch.nn.Parameter(torch.zeros((), dtype=DTYPE))
+
+    def forward(self, x, t):
+        _, sigma = self.schedule(t.to(DTYPE))
+        return x / sigma.reshape((-1,) + (1,) * (x.ndim - 1))
+
+
+def test_ddpm_reconstruction_is_the_discretized_gaussian_with_beta_tilde_2():
+    """L_0 = -log p(u | x_1) under Ho et al.'s discretized Gaussian decoder (eq. 13) with mean
+    x0_theta(x_1) and variance beta_tilde_2 = beta_2 (1 - alphabar_1) / (1 - alphabar_2)
+    (beta_tilde_1 = 0; Ho et al.'s code takes step 2's value). With x0_theta = 0 it does not
+    depend on the noise: one pixel per image, x = 2u/255 - 1, bin [x - 1/255, x + 1/255]
+    (open-ended at u = 0 and 255), L_0 = -log(Phi(upper / s) - Phi(lower / s)).
+
+    Ho's betas linspace(1e-4, 0.02, 1000): beta_1 = 1e-4, beta_2 = 1.1992e-4, so beta_tilde_2
+    = beta_2 beta_1 / (beta_1 + beta_2 - beta_1 beta_2) = 5.45e-5, s = 0.00738, where beta_2
+    alone would give s = 0.01095: at u = 128, -log(Phi(0.00784 / s) - 1/2) = 1.03 against
+    1.34 nats.
+    """
+    import numpy as np
+    from scipy.stats import norm
+
+    sde = VPSDE()
+    pixels = np.array([0, 118, 121, 124, 126, 127, 128, 129, 131, 134, 137, 255])
+    images = torch.from_numpy(pixels.astype(np.uint8))[:, None]       # [12 images, 1 pixel]
+    bound, info = likelihood.ddpm_negative_elbo(ZeroDenoiser(sde).eval(), sde, images,
+                                                generator=torch.Generator().manual_seed(0))
+
+    betas = np.linspace(1e-4, 0.02, 1000)
+    alpha_bar_1, alpha_bar_2 = 1 - betas[0], (1 - betas[0]) * (1 - betas[1])
+    std = math.sqrt(betas[1] * (1 - alpha_bar_1) / (1 - alpha_bar_2))
+    assert std == pytest.approx(0.00738, abs=1e-5)
+    x = 2 * pixels / 255 - 1
+    lower, upper = (x - 1 / 255) / std, (x + 1 / 255) / std
+    log_pmf = np.where(pixels == 0, norm.logcdf(upper),                  # bin (-inf, -1 + 1/255]
+                       np.where(pixels == 255, norm.logsf(lower),          # bin [1 - 1/255, +inf)
+                                np.log(np.where(lower > 0, norm.sf(lower) - norm.sf(upper),
+                                                norm.cdf(upper) - norm.cdf(lower)).clip(1e-300))))
+    # rtol: the bound takes x from sde.data.uint8_to_float, in float32 (x off by up to 6e-8,
+    # 1e-5 of s), which moves L_0 by up to 6e-6 relative here; beta_2 would move it by 30%
+    torch.testing.assert_close(info["reconstruction"], torch.from_numpy(-log_pmf), rtol=1e-4, atol=0)
+    assert info["reconstruction"][pixels == 128].item() == pytest.approx(1.03, abs=0.01)
+    torch.testing.assert_close(bound, info["prior"] + info["diffusion"] + info["reconstruction"],
+                               rtol=1e-12, atol=1e-12)
+
+
 @pytest.mark.parametrize("continuous", [True, False])
 def test_elbo_bits_per_dim_parts_add_up(continuous):
     sde = VPSDE()
@@ -512,7 +646,7 @@ def test_heldout_metrics_use_the_configured_dequantization():
     from conftest import make_tiny_config
     from sde import data
     from sde.models import create_model
-    from sde.run_eval import heldout_metrics
+    from sde.modes.evaluate import heldout_metrics
     from sde.sdes import create_sde
 
     config = make_tiny_config()

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from sde import samplers
-from sde.run_sample import sample
+from sde.modes.sample import sample
 from sde.sdes import create_sde
 
 

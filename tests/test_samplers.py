@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 
-from oracles import GaussianMixtureOracle
+from sde.testing import GaussianMixtureOracle
 from sde import samplers
 from sde.samplers.schedules import discrete_steps, time_steps
 from sde.samplers.sde_solvers import langevin_signal_ratio, langevin_step
@@ -457,6 +457,50 @@ def test_langevin_signal_ratio_is_ddpm_alpha_on_vp_and_one_on_ve():
     assert langevin_signal_ratio(VESDE(), 0.5) == 1.0
 
 
+@pytest.mark.parametrize("denoise", [False, True])
+def test_euler_maruyama_steps_are_the_reverse_sde_by_hand(denoise):
+    """Song et al. 2021 eq. 6, dx = [f(t) x - g(t)^2 score] dt + g(t) dw_bar, discretized by
+    Euler-Maruyama and written out for VP (their eq. 11: f = -beta(t)/2, g^2 = beta(t) =
+    b0 + t (b1 - b0)) and the exact score of Gaussian data N(m, diag(s^2)),
+    score = -(x - alpha m) / (alpha^2 s^2 + sigma^2), alpha(t) = exp(-b0 t / 2 - (b1 - b0)
+    t^2 / 4), sigma^2 = 1 - alpha^2. From level t to the next level s < t (h = t - s > 0,
+    time runs backwards):
+
+        x_s = x_t - [f(t) x_t - g(t)^2 score(x_t, t)] h + g(t) sqrt(h) z,
+
+    z the sampler's next N(0, I) draw: with x_T given, the draws are the generator's
+    successive randn of the batch's shape. With ``denoise`` the last update (eps -> data) is
+    Tweedie's x0 = (x + sigma^2 score) / alpha, which draws nothing. Draw for draw, a flipped
+    score sign or a noise scale other than g sqrt(h) changes every sample.
+    """
+    sde = VPSDE()
+    b0, b1 = 0.1, 20.0  # the VP defaults (sde.sdes.DEFAULT_BETA_MIN, DEFAULT_BETA_MAX)
+    mean = torch.tensor([0.5, -0.3], dtype=torch.float64)  # gaussian(sde)'s data
+    std = torch.tensor([0.5, 0.2], dtype=torch.float64)
+    x_T = prior(sde, 5)
+    x, info = samplers.sample("euler_maruyama", gaussian(sde), sde, x_T.shape, steps=6, x_T=x_T,
+                              denoise=denoise, generator=torch.Generator().manual_seed(3),
+                              disable=True)
+    levels = info["t"][:6]  # T, four interior levels, eps (then 0.0, the data, with denoise)
+    assert levels[0] == sde.T and levels[-1] == 1e-3 and len(info["t"]) == 6 + denoise
+
+    def alpha_and_score(x, t):
+        alpha = math.exp(-b0 * t / 2 - (b1 - b0) * t ** 2 / 4)
+        return alpha, -(x - alpha * mean) / (alpha ** 2 * std ** 2 + 1 - alpha ** 2)
+
+    generator = torch.Generator().manual_seed(3)
+    expected = x_T.clone()
+    for t, s in zip(levels[:-1], levels[1:]):
+        beta, h = b0 + t * (b1 - b0), t - s
+        _, score = alpha_and_score(expected, t)
+        z = torch.randn(expected.shape, generator=generator, dtype=torch.float64)
+        expected = expected - (-0.5 * beta * expected - beta * score) * h + math.sqrt(beta * h) * z
+    if denoise:
+        alpha, score = alpha_and_score(expected, levels[-1])
+        expected = (expected + (1 - alpha ** 2) * score) / alpha
+    torch.testing.assert_close(x, expected, rtol=1e-10, atol=1e-12)
+
+
 # ---------------------------------------------------------------- reproducibility
 STOCHASTIC = [("ancestral", {}), ("ddim", {"eta": 0.5}), ("euler_maruyama", {}), ("pc", {}),
               ("dpm_solver_sde", {}), ("heun", {})]
@@ -544,14 +588,16 @@ BAD_CALLS = [
     ("ddim", {"steps": 2.5}, VPSDE, "steps must be a positive integer"),
     ("ddim", {"eta": -0.1}, VPSDE, r"eta must lie in \[0, 1\]"),
     ("ddim", {"eta": 1.5}, VPSDE, r"eta must lie in \[0, 1\]"),
-    ("dpm_solver", {"order": 4}, VPSDE, r"order must be one of \(1, 2, 3\)"),
-    ("dpm_solver", {"order": 0}, VPSDE, r"order must be one of \(1, 2, 3\)"),
-    ("dpm_solver_sde", {"order": 3}, VPSDE, r"order must be one of \(1, 2\)"),
-    ("dpm_solver_sde", {"eta": -0.5}, VPSDE, r"eta must be a finite number >= 0"),
-    ("dpm_solver_sde", {"eta": float("inf")}, VPSDE, r"eta must be a finite number >= 0"),
-    ("dpm_solver_sde", {"eta": "1"}, VPSDE, r"eta must be a finite number >= 0.*got '1'"),
+    ("dpm_solver", {"order": 4}, VPSDE, "unknown order 4; accepted: 1, 2, 3"),
+    ("dpm_solver", {"order": 0}, VPSDE, "unknown order 0; accepted: 1, 2, 3"),
+    ("dpm_solver", {"order": 2.0}, VPSDE, "order must be an integer, got 2.0"),
+    ("dpm_solver_sde", {"order": 3}, VPSDE, "unknown order 3; accepted: 1, 2"),
+    ("dpm_solver_sde", {"eta": -0.5}, VPSDE, r"eta must be >= 0 \(1: the reverse SDE"),
+    ("dpm_solver_sde", {"eta": float("inf")}, VPSDE, "eta must be a finite number, got inf"),
+    ("dpm_solver_sde", {"eta": "1"}, VPSDE, "eta must be a finite number, got '1'"),
+    ("dpm_solver", {"lower_order_final": 1}, VPSDE, "lower_order_final must be True or False, got 1"),
     ("dpm_solver_sde", {"solver_type": "euler"}, VPSDE, "unknown solver_type 'euler'; accepted: midpoint, heun"),
-    ("unipc", {"order": 4}, VPSDE, r"order must be one of \(1, 2, 3\)"),
+    ("unipc", {"order": 4}, VPSDE, "unknown order 4; accepted: 1, 2, 3"),
     ("unipc", {"variant": "bh3"}, VPSDE, "unknown variant 'bh3'; accepted: bh1, bh2"),
     ("heun", {"schedule": "cosine"}, VPSDE, "unknown schedule 'cosine'; accepted: uniform"),
     ("heun", {"etaa": 1.0}, VPSDE, "unknown option.*etaa.*accepted: .*clip_x0"),
@@ -562,7 +608,7 @@ BAD_CALLS = [
     ("ancestral", {"steps": 1001}, VPSDE, "at most N=1000 steps"),
     ("ddim", {"spacing": "quadratic", "schedule": "uniform"}, VPSDE, "either spacing"),
     ("ddim", {"spacing": "karras"}, VPSDE, "unknown spacing 'karras'; accepted: uniform, quadratic"),
-    ("ode", {"method": "rk45"}, VPSDE, "unknown ode method 'rk45'; accepted: dopri5"),
+    ("ode", {"method": "rk45"}, VPSDE, "unknown method 'rk45'; accepted: dopri5"),
     ("ode", {"method": "euler", "rtol": 1e-3}, VPSDE, "rtol/atol apply to the adaptive"),
     ("pc", {"n_corrector": -1}, VPSDE, "n_corrector must be a non-negative integer"),
     ("pc", {"snr": 0.0}, VPSDE, "snr must be positive"),
@@ -699,6 +745,81 @@ def check_moments(x: torch.Tensor, oracle: GaussianMixtureOracle, variance_bias:
     variance_se = torch.sqrt((fourth - variance ** 2) / n)
     assert torch.all((x.var(0) - variance).abs() < 5 * variance_se + variance_bias * variance), (
         x.var(0), variance)
+
+
+# Fast versions of test_samples_follow_the_data_distribution (slow), one case per sampler of
+# samplers.available(), on gaussian(sde) data on VP. Stochastic samplers: 4,000 samples, the
+# mean and covariance within 5 Monte-Carlo standard errors of the data's, plus the sampler's
+# own variance bias where it has one. Relative variance errors measured with 100,000
+# samples, per dimension (s = 0.5, 0.2), and the allowance taken:
+FAST_STOCHASTIC_CASES = {  # name: (options, steps, allowed relative variance bias)
+    # -4.0%, -4.8% (-25%, -30% at 25 steps): beta_tilde leaves out the Var[x0 | x_t] part of
+    # the true reverse variance (Bao et al. 2022, Analytic-DPM); even Ho's whole 1000-step
+    # chain, with the exact eps of its own tables, has -1.5%, -3.7% (the exact moment
+    # recursion of its affine steps).
+    "ancestral": ({}, 200, 0.06),
+    "euler_maruyama": ({}, 200, 0.0),              # +1.3%, +2.8% (+4.5%, +4.8% at 100 steps)
+    # -2.1%, +4.6%: the unadjusted Langevin bias of the corrector. "batch", because the
+    # default per-sample norms (corrector_norm="sample") give samples several times too
+    # wide in 2-D (std x2.7 and x6.0 in this setting), a separate open issue (see
+    # sde_solvers' docstring).
+    "pc": ({"corrector_norm": "batch"}, 100, 0.05),
+    "dpm_solver_sde": ({}, 50, 0.0),               # +0.8%, +1.3%
+}
+# Deterministic samplers map x_T alone; given x_T whitened (sample mean 0, sample covariance
+# I exactly) the exact probability-flow map of these data (exact_ode_map, affine) gives
+# samples of mean m - A alpha_T m and std A with A = alpha_eps s^2 / (std_eps std_T), within
+# 0.4% of the data's, and a sampler differs from them by its discretization error alone.
+# Largest |std / std_exact - 1| measured (4,000 samples; the means are off by < 2e-5 s):
+FAST_DETERMINISTIC_CASES = {  # name: (options, steps)
+    "ddim": ({}, 400),              # 5.2e-3 (first order: 4.2e-2 at 50 steps)
+    "ode": ({}, 2),                 # 3.3e-5 (dopri5, adaptive: the steps only set the reports)
+    "dpm_solver": ({}, 50),         # 2.4e-3
+    "unipc": ({}, 30),              # 2.9e-3
+    "heun": ({}, 50),               # 2.7e-3
+}
+
+
+def whitened_prior(n: int, seed: int = 0) -> torch.Tensor:
+    """n draws of N(0, I_2) shifted and sheared to sample mean 0 and sample covariance I."""
+    z = torch.randn(n, 2, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    z = z - z.mean(0)
+    return z @ torch.linalg.inv(torch.linalg.cholesky(torch.cov(z.T))).T
+
+
+@pytest.mark.parametrize("name", samplers.available())
+def test_samples_have_the_data_mean_and_covariance_fast(name):
+    sde = VPSDE()
+    oracle = gaussian(sde)
+    mean, variance = oracle.mean, oracle.variance
+    n = 4000
+    if name in FAST_DETERMINISTIC_CASES:
+        options, steps = FAST_DETERMINISTIC_CASES[name]
+        assert not samplers.is_stochastic(name, **options)
+        x_T = whitened_prior(n)
+        x, _ = samplers.sample(name, oracle, sde, x_T.shape, steps=steps, x_T=x_T, disable=True,
+                               **options)
+        exact = exact_ode_map(sde, [0.5, -0.3], [0.5, 0.2], x_T, 1e-3)
+        std = variance.sqrt()
+        assert torch.all((exact.mean(0) - mean).abs() < 0.004 * std)
+        assert torch.all((exact.std(0) / std - 1).abs() < 0.004)
+        assert torch.all((x.mean(0) - exact.mean(0)).abs() < 1e-3 * std), (x.mean(0), exact.mean(0))
+        assert torch.all((x.std(0) / exact.std(0) - 1).abs() < 1e-2), (x.std(0), exact.std(0))
+        correlation = torch.corrcoef(x.T)[0, 1]
+        assert abs(correlation) < 1e-3, correlation
+        return
+    options, steps, variance_bias = FAST_STOCHASTIC_CASES[name]
+    assert samplers.is_stochastic(name, **options)
+    x_T = prior(sde, n)
+    x, _ = samplers.sample(name, oracle, sde, x_T.shape, steps=steps, x_T=x_T, disable=True,
+                           generator=torch.Generator().manual_seed(1), **options)
+    # Gaussian data: SE of the mean sqrt(v / n), of the variance v sqrt(2 / n), of the
+    # covariance of independent coordinates sqrt(v_1 v_2 / n)
+    assert torch.all((x.mean(0) - mean).abs() < 5 * torch.sqrt(variance / n)), (x.mean(0), mean)
+    assert torch.all((x.var(0) - variance).abs() < (5 * math.sqrt(2 / n) + variance_bias) * variance), (
+        x.var(0), variance)
+    covariance = torch.cov(x.T)[0, 1]
+    assert abs(covariance) < 5 * torch.sqrt(variance.prod() / n), covariance
 
 
 @pytest.mark.slow

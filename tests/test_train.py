@@ -13,7 +13,7 @@ from conftest import make_tiny_config
 from configs import toy_vp
 from sde import checkpoint
 from sde.models import create_model
-from sde.run_train import TrainingDiverged, train
+from sde.modes.train import TrainingDiverged, train
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -128,7 +128,7 @@ def test_toy_spiral_loss_drops(tmp_path):
 def test_ema_decay_ramps_up_so_the_initial_weights_fade():
     """d_n = min(rate, (1+n)/(10+n)): after 1000 updates toward a fixed target the weight
     left on the initial value is prod d_n, far below the rate**1000 = 0.37 of a fixed decay."""
-    from sde.run_train import EMA
+    from sde.modes.train import EMA
 
     start, target = torch.nn.Linear(1, 1, bias=False), torch.nn.Linear(1, 1, bias=False)
     torch.nn.init.zeros_(start.weight)

@@ -1,33 +1,54 @@
 """Noise-prediction networks ``model(x, t) -> eps`` and the factory that builds one from a config.
 
-``MODELS`` maps ``config.model.name`` to a builder reading ``config.model`` and ``config.data``:
+``MODELS`` maps ``config.model.name`` to a ``ModelSpec``: a builder reading ``config.model`` and
+``config.data``, the kind of data the network takes and the checks of its keys:
 
 * ``"unet"`` (images): ``UNet`` with ``in_channels = data.num_channels``, ``image_size =
   data.image_size`` and model.{nf, ch_mult, num_res_blocks, attn_resolutions, dropout,
   embedding_type, fourier_scale, skip_rescale, channels_last}.
-* ``"mlp"`` (``data.dataset = "toy"``): ``ToyMLP`` on 2-D points with ``hidden = model.nf``
+* ``"mlp"`` (point data, ``data.dataset = "toy"``): ``ToyMLP`` on the points with ``hidden = model.nf``
   and model.{num_layers, embedding_type, fourier_scale}.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Callable
 
 import ml_collections
 from torch import nn
 
+from sde.data import get_dataset
 from sde.models.embeddings import EMBEDDING_TYPES, TimeEmbedding
-from sde.models.mlp import TOY_DIM, ToyMLP
+from sde.models.mlp import ToyMLP
 from sde.models.unet import UNet
 
-#: The dataset whose samples are points in R^TOY_DIM rather than images.
-TOY_DATASET = "toy"
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """A network family: ``build(config)``, the kind of data it takes (``sde.data.KINDS``) and
+    ``check(config)``, the checks of its ``config.model`` keys."""
+
+    build: Callable[[ml_collections.ConfigDict], nn.Module]
+    kind: str
+    check: Callable[[ml_collections.ConfigDict], None] = lambda config: None
+
+
+def _positive_int(value, name: str) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+
+
+def _check_unet(config: ml_collections.ConfigDict) -> None:
+    model = config.model
+    _positive_int(model.nf, "model.nf")
+    _positive_int(model.num_res_blocks, "model.num_res_blocks")
+    if not (len(model.ch_mult) > 0 and all(isinstance(m, int) and m > 0 for m in model.ch_mult)):
+        raise ValueError(f"model.ch_mult must be a non-empty tuple of positive integers, got {model.ch_mult!r}")
 
 
 def _build_unet(config: ml_collections.ConfigDict) -> UNet:
     model, data = config.model, config.data
-    if data.dataset == TOY_DATASET:
-        raise ValueError("model.name='unet' needs images, but data.dataset='toy' gives 2-D "
-                         "points; use model.name='mlp'")
     return UNet(in_channels=data.num_channels, image_size=data.image_size, nf=model.nf,
                 ch_mult=tuple(model.ch_mult), num_res_blocks=model.num_res_blocks,
                 attn_resolutions=tuple(model.attn_resolutions), dropout=model.dropout,
@@ -38,26 +59,39 @@ def _build_unet(config: ml_collections.ConfigDict) -> UNet:
 
 
 def _build_mlp(config: ml_collections.ConfigDict) -> ToyMLP:
-    model, data = config.model, config.data
-    if data.dataset != TOY_DATASET:
-        raise ValueError(f"model.name='mlp' works on 2-D points (data.dataset='toy'), got "
-                         f"data.dataset={data.dataset!r}; use model.name='unet' for images")
-    return ToyMLP(dim=TOY_DIM, hidden=model.nf, num_layers=model.num_layers,
+    model = config.model
+    (dim,) = get_dataset(config.data.dataset).example_shape(config.data)
+    return ToyMLP(dim=dim, hidden=model.nf, num_layers=model.num_layers,
                   embedding_type=model.embedding_type, fourier_scale=model.fourier_scale)
 
 
-MODELS: dict[str, Callable[[ml_collections.ConfigDict], nn.Module]] = {
-    "unet": _build_unet,
-    "mlp": _build_mlp,
+MODELS: dict[str, ModelSpec] = {
+    "unet": ModelSpec(_build_unet, kind="image", check=_check_unet),
+    "mlp": ModelSpec(_build_mlp, kind="points"),
 }
 
 
-def create_model(config: ml_collections.ConfigDict) -> nn.Module:
-    """Build the network named by ``config.model.name`` (see ``MODELS``)."""
+def check_model_config(config: ml_collections.ConfigDict) -> None:
+    """``config.model`` against its network family and the data set: one clear ValueError."""
     name = config.model.name
     if name not in MODELS:
-        raise ValueError(f"unknown model.name {name!r}; valid: {', '.join(sorted(MODELS))}")
-    return MODELS[name](config)
+        raise ValueError(f"unknown model.name {name!r}; accepted: {', '.join(MODELS)}")
+    dataset = get_dataset(config.data.dataset)
+    if MODELS[name].kind != dataset.kind:
+        fitting = [other for other, spec in MODELS.items() if spec.kind == dataset.kind]
+        raise ValueError(f"data.dataset={dataset.name!r} ({dataset.kind} data) needs model.name="
+                         f"{' or '.join(map(repr, fitting))}, got {name!r}")
+    MODELS[name].check(config)
+    if not 0.0 <= config.model.dropout < 1.0:
+        raise ValueError(f"model.dropout must be in [0, 1), got {config.model.dropout}")
+    if not 0.0 <= config.model.ema_rate < 1.0:
+        raise ValueError(f"model.ema_rate must be in [0, 1), got {config.model.ema_rate}")
+
+
+def create_model(config: ml_collections.ConfigDict) -> nn.Module:
+    """Build the network named by ``config.model.name`` (see ``MODELS``) for the configured data."""
+    check_model_config(config)
+    return MODELS[config.model.name].build(config)
 
 
 def count_parameters(module: nn.Module) -> int:
@@ -66,5 +100,5 @@ def count_parameters(module: nn.Module) -> int:
     return sum(parameter.numel() for parameter in module.parameters())
 
 
-__all__ = ["MODELS", "EMBEDDING_TYPES", "TimeEmbedding", "ToyMLP", "UNet", "count_parameters",
+__all__ = ["MODELS", "ModelSpec", "check_model_config", "EMBEDDING_TYPES", "TimeEmbedding", "ToyMLP", "UNet", "count_parameters",
            "create_model"]

@@ -15,12 +15,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from sde.data.toy import TOY_DIM
 from sde.models.embeddings import TimeEmbedding, batch_times
 
 Tensor = torch.Tensor
 
-#: Dimension of the toy data points (sde.data's toy sets are 2-D).
-TOY_DIM = 2
 
 
 class ToyMLP(nn.Module):

@@ -29,10 +29,7 @@ t = eps, whose step down to the data has an infinite bound (D(y_s, s) -> x0 as s
 the frozen D does not), so eps remains a choice. AYS refines one level at a time; here all
 levels move at once, by Adam on the estimated sum (fresh draws every iteration,
 differentiated through the network), because one-at-a-time moves converge slowly along the
-chain of levels: on 16-dimensional Gaussian data with the exact denoiser, 8 sweeps of
-golden-section searches (512 draws each) left a 10-level schedule's bound at 46.5 against
-the closed-form optimum's 36.1, where 400 Adam iterations of 64 draws reach 36.11. A test
-checks the fit against that optimum.
+chain of levels. A test checks the fit against the closed-form optimum on Gaussian data.
 The fitted schedule serves every stochastic sampler and, as AYS reports, transfers to
 higher-order and ODE solvers.
 """
@@ -42,7 +39,7 @@ from typing import Callable
 
 import torch
 
-from sde.samplers.common import model_dtype_device
+from sde.network import CountedModel
 from sde.samplers.schedules import time_steps
 
 Tensor = torch.Tensor
@@ -60,22 +57,15 @@ def times_of(sde, levels: Tensor) -> Tensor:
     return sde.t_from_log_snr(-torch.log(levels)).to(torch.float64)
 
 
-class Network:
-    """``model(x, t) -> eps`` called in its parameters' dtype and device (float32 on the CPU
-    for a plain callable) on float64 CPU tensors, with the samples it evaluates counted."""
-
-    def __init__(self, model):
-        self.model, self.evaluations = model, 0
-        dtype, device = model_dtype_device(model)
-        self.dtype, self.device = dtype or torch.float32, device or torch.device("cpu")
-
-    def __call__(self, x: Tensor, t: Tensor) -> Tensor:
-        self.evaluations += len(x)
-        eps = self.model(x.to(self.device, self.dtype), t.to(self.device, self.dtype))
-        return eps.to(x.device, torch.float64)
+def as_network(model) -> CountedModel:
+    """``model`` counted, called in its parameters' dtype and device (float32 on the CPU for
+    a plain callable) on the float64 CPU tensors of the fit."""
+    if isinstance(model, CountedModel):
+        return model
+    return CountedModel(model, dtype=torch.float32, device="cpu")
 
 
-def denoised(network: Network, sde, y: Tensor, levels: Tensor) -> Tensor:
+def denoised(network: CountedModel, sde, y: Tensor, levels: Tensor) -> Tensor:
     """D(y, s) = y - s eps(alpha y, t(s)) per sample (float64)."""
     times = times_of(sde, levels)
     alpha = sde.alpha(times).to(torch.float64)
@@ -105,7 +95,7 @@ class IntervalDraws:
         return y, y_start, levels, (inverse_sq_end - inverse_sq_start) / 2.0
 
 
-def interval_klubs(network: Network, sde, levels: Tensor, draws: list[IntervalDraws]) -> Tensor:
+def interval_klubs(network: CountedModel, sde, levels: Tensor, draws: list[IntervalDraws]) -> Tensor:
     """KLUB_i of each step levels[i] -> levels[i + 1], estimated on draws[i], with the
     network evaluated once on all of them together (differentiable in ``levels``)."""
     ys, evaluated_levels, normalisers, sizes = [], [], [], []
@@ -129,7 +119,7 @@ def klub(model, sde, times: Tensor, draw_data: DataSource, *, batch_size: int,
     """KLUB_i of every step of the schedule ``times`` (decreasing), each on ``batch_size``
     draws of its own; their sum bounds the KL divergence of the first-order stochastic
     sampler on that grid (module docstring)."""
-    network = model if isinstance(model, Network) else Network(model)
+    network = as_network(model)
     draws = [IntervalDraws(draw_data, batch_size, generator) for _ in range(len(times) - 1)]
     with torch.no_grad():
         return interval_klubs(network, sde, noise_levels(sde, times), draws)
@@ -178,7 +168,7 @@ def fit_schedule(model, sde, draw_data: DataSource, steps: int, *, eps: float,
         raise ValueError(f"need iterations >= 1, batch_size >= 1 and learning_rate > 0, got "
                          f"{iterations}, {batch_size} and {learning_rate}")
     generator = generator if generator is not None else torch.Generator().manual_seed(0)
-    network = Network(model)
+    network = as_network(model)
     initial_times = time_steps(sde, steps, initial, eps)
     initial_log_levels = torch.log(noise_levels(sde, initial_times))
     top, bottom = initial_log_levels[0], initial_log_levels[-1]
@@ -207,5 +197,5 @@ def fit_schedule(model, sde, draw_data: DataSource, steps: int, *, eps: float,
     generator.set_state(state)
     klub_fitted = klub(network, sde, times, draw_data, batch_size=4 * batch_size, generator=generator)
     return times, {"klub_initial": klub_initial.tolist(), "klub_fitted": klub_fitted.tolist(),
-                   "network_evaluations": network.evaluations}
+                   "network_evaluations": network.rows}
 

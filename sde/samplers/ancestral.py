@@ -24,6 +24,7 @@ import torch
 from tqdm.auto import tqdm
 
 from sde.samplers.common import Callback, Denoiser, NoiseGrid, NoiseSource, report
+from sde.samplers.spec import Option, SamplerSpec, always, first_order_nfe
 
 Tensor = torch.Tensor
 
@@ -31,10 +32,7 @@ VARIANCES = ("beta_tilde", "beta")
 
 
 def check_options(options: dict, sde, given: set) -> None:
-    variance = options["variance"]
-    if variance not in VARIANCES:
-        raise ValueError(f"unknown variance {variance!r}; accepted: {', '.join(VARIANCES)}")
-    if variance == "beta" and not sde.supports_ddpm_betas():
+    if options["variance"] == "beta" and not sde.supports_ddpm_betas():
         raise ValueError(f"variance='beta' needs a DDPM beta chain, which {sde!r} does not have "
                          "(supported: VPSDE); use variance='beta_tilde'")
 
@@ -64,3 +62,11 @@ def ancestral(model: Denoiser, x: Tensor, grid: NoiseGrid, *, sde, noise: NoiseS
         x = ancestral_step(x, eps, level_t, level_s, noise, variance)
         report(callback, i, level_s[0], x, x0)
     return x
+
+
+SAMPLERS = (SamplerSpec(
+    name="ancestral", fn=ancestral,
+    options={"variance": Option("beta_tilde", str, "the step's noise variance: the posterior's "
+                                                   "beta_tilde, or beta (VP only)", choices=VARIANCES)},
+    nfe=first_order_nfe, schedule="quadratic", stochastic=always, grid="discrete",
+    check=check_options, reference="Ho et al. 2020, Alg. 2; Nichol & Dhariwal 2021, sec. 4"),)

@@ -1,8 +1,8 @@
 """What every sampler shares: the counted network, the noise source and the noise-level grid.
 
-* ``Denoiser`` wraps the noise-prediction network (model contract of DESIGN.md): it counts
-  every evaluation (``nfe``), calls the network in its own dtype while the samplers keep
-  their state in float64 (as EDM's ``generate.py`` does), and turns the predicted noise
+* ``Denoiser`` wraps the noise-prediction network (``sde.network``): it counts every
+  evaluation (``nfe``), calls the network in its own dtype while the samplers keep their
+  state in float64 (as EDM's ``generate.py`` does), and turns the predicted noise
   into the denoised estimate (Tweedie's formula, x0 = (x - sigma eps) / alpha), optionally
   clipped to the data range [-1, 1] with eps re-derived from the clipped x0 so that every
   update stays consistent with it.
@@ -20,6 +20,8 @@ from typing import Any, Callable, Sequence
 
 import torch
 
+from sde.network import CountedModel
+
 Tensor = torch.Tensor
 
 #: ``callback(info)`` is called after every update with a dict holding ``i`` (update
@@ -35,27 +37,24 @@ class Denoiser:
     """The network as the samplers see it: counted, dtype-converted, optionally clipped.
 
     Args:
-      model: ``model(x, t) -> eps`` with ``t`` of shape [B].
-      model_dtype: dtype the network is called in (its parameters' dtype).
+      model: ``model(x, t) -> eps`` with ``t`` of shape [B] (``sde.network``).
+      model_dtype: dtype a plain callable is called in (a module is called in its own).
       clip_x0: clip the denoised estimate to ``DATA_RANGE`` (image data).
     """
 
-    def __init__(self, model: Callable[[Tensor, Tensor], Tensor], model_dtype: torch.dtype,
+    def __init__(self, model: Callable[[Tensor, Tensor], Tensor], model_dtype: torch.dtype | None = None,
                  clip_x0: bool = False):
-        self.model = model
-        self.model_dtype = model_dtype
+        self.network = CountedModel(model, dtype=model_dtype)
         self.clip_x0 = clip_x0
-        self.nfe = 0
+
+    @property
+    def nfe(self) -> int:
+        """Network evaluations so far."""
+        return self.network.nfe
 
     def eps(self, x: Tensor, t: float) -> Tensor:
         """The network's noise prediction at the scalar time ``t``, in ``x``'s dtype."""
-        self.nfe += 1
-        t_batch = torch.full((x.shape[0],), float(t), dtype=self.model_dtype, device=x.device)
-        eps = self.model(x.to(self.model_dtype), t_batch)
-        if eps.shape != x.shape:
-            raise ValueError(f"the model returned shape {tuple(eps.shape)} for an input of "
-                             f"shape {tuple(x.shape)}; it must predict eps of the input's shape")
-        return eps.to(x.dtype)
+        return self.network(x, float(t))
 
     def __call__(self, x: Tensor, t: float, alpha_t: float, sigma_t: float) -> tuple[Tensor, Tensor]:
         """(x0_hat, eps_hat) at time ``t`` where x_t = alpha_t x0 + sigma_t eps."""
@@ -68,15 +67,6 @@ class Denoiser:
 
 
 Generators = torch.Generator | Sequence[torch.Generator] | None
-
-
-def model_dtype_device(model) -> tuple[torch.dtype | None, torch.device | None]:
-    """The dtype and device of a module's first parameter; (None, None) for a plain callable."""
-    if isinstance(model, torch.nn.Module):
-        parameter = next(model.parameters(), None)
-        if parameter is not None:
-            return parameter.dtype, parameter.device
-    return None, None
 
 
 class NoiseSource:

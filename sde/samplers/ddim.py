@@ -22,6 +22,7 @@ import torch
 from tqdm.auto import tqdm
 
 from sde.samplers.common import Callback, Denoiser, NoiseGrid, NoiseSource, report
+from sde.samplers.spec import DISCRETE, Option, SamplerSpec, first_order_nfe
 
 Tensor = torch.Tensor
 
@@ -31,16 +32,10 @@ SPACINGS = ("uniform", "quadratic")
 
 def check_options(options: dict, sde, given: set) -> None:
     """Also resolves ``spacing``, the DDIM paper's name for the schedule, into ``schedule``."""
-    if "spacing" in given:
+    if "spacing" in given and options["spacing"] is not None:
         if "schedule" in given:
             raise ValueError("give either spacing (the DDIM paper's name) or schedule, not both")
-        if options["spacing"] not in SPACINGS:
-            raise ValueError(f"unknown spacing {options['spacing']!r}; accepted: "
-                             f"{', '.join(SPACINGS)} (or use schedule=...)")
         options["schedule"] = options["spacing"]
-    eta = options["eta"]
-    if not 0.0 <= eta <= 1.0:
-        raise ValueError(f"eta must lie in [0, 1], got {eta}")
 
 
 def ddim(model: Denoiser, x: Tensor, grid: NoiseGrid, *, sde, noise: NoiseSource,
@@ -57,3 +52,14 @@ def ddim(model: Denoiser, x: Tensor, grid: NoiseGrid, *, sde, noise: NoiseSource
             x = x + c_ts * noise.randn(x.shape)
         report(callback, i, s, x, x0)
     return x
+
+
+SAMPLERS = (SamplerSpec(
+    name="ddim", fn=ddim,
+    options={"eta": Option(0.0, float, "noise of the eta-family: 0 deterministic DDIM, 1 the "
+                                       "ancestral posterior", valid=lambda eta: 0.0 <= eta <= 1.0,
+                           accepted="lie in [0, 1]"),
+             "spacing": Option(None, str, "the DDIM paper's name for the schedule", choices=SPACINGS),
+             "discrete": DISCRETE},
+    nfe=first_order_nfe, schedule="quadratic", stochastic=lambda options: options["eta"] > 0,
+    grid="option", check=check_options, reference="Song, Meng & Ermon 2021, eq. 12 and 16"),)

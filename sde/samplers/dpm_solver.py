@@ -94,6 +94,7 @@ import torch
 from tqdm.auto import tqdm
 
 from sde.samplers.common import Callback, Denoiser, NoiseGrid, NoiseSource, report
+from sde.samplers.spec import DISCRETE, Option, SamplerSpec, first_order_nfe
 
 Tensor = torch.Tensor
 
@@ -102,22 +103,6 @@ ORDERS = (1, 2, 3)
 SDE_ORDERS = (1, 2)
 #: How ``dpm_solver_sde`` weights its backward difference (see the module docstring).
 SDE_SOLVER_TYPES = ("midpoint", "heun")
-
-
-def check_options(options: dict, sde, given: set, orders: tuple[int, ...] = ORDERS) -> None:
-    if options["order"] not in orders:
-        raise ValueError(f"order must be one of {orders}, got {options['order']!r}")
-
-
-def check_sde_options(options: dict, sde, given: set) -> None:
-    check_options(options, sde, given, SDE_ORDERS)
-    eta = options["eta"]
-    if isinstance(eta, bool) or not isinstance(eta, (int, float)) or not 0.0 <= eta < math.inf:
-        raise ValueError(f"eta must be a finite number >= 0 (1: the reverse SDE, 0: the "
-                         f"probability-flow ODE), got {eta!r}")
-    if options["solver_type"] not in SDE_SOLVER_TYPES:
-        raise ValueError(f"unknown solver_type {options['solver_type']!r}; accepted: "
-                         f"{', '.join(SDE_SOLVER_TYPES)}")
 
 
 def dpm_solver(model: Denoiser, x: Tensor, grid: NoiseGrid, *, sde, noise: NoiseSource,
@@ -187,3 +172,26 @@ def dpm_solver_sde(model: Denoiser, x: Tensor, grid: NoiseGrid, *, sde, noise: N
         previous = x0
         report(callback, i, s, x, x0)
     return x
+
+
+LOWER_ORDER_FINAL = Option(True, bool, "lower the order on the last steps (stabler at few steps)")
+
+SAMPLERS = (
+    SamplerSpec(
+        name="dpm_solver", fn=dpm_solver,
+        options={"order": Option(2, int, "multistep order", choices=ORDERS),
+                 "lower_order_final": LOWER_ORDER_FINAL, "discrete": DISCRETE},
+        nfe=first_order_nfe, schedule="log_snr", grid="option",
+        reference="Lu et al. 2022, DPM-Solver++ Alg. 2 (2M) and 3M"),
+    SamplerSpec(
+        name="dpm_solver_sde", fn=dpm_solver_sde,
+        options={"order": Option(2, int, "multistep order", choices=SDE_ORDERS),
+                 "eta": Option(1.0, float, "noise: 1 the reverse SDE, 0 the probability-flow ODE, > 1 "
+                                           "more noise than the reverse SDE", valid=lambda eta: eta >= 0,
+                               accepted="be >= 0 (1: the reverse SDE, 0: the probability-flow ODE)"),
+                 "solver_type": Option("midpoint", str, "weight of the backward difference",
+                                       choices=SDE_SOLVER_TYPES),
+                 "discrete": DISCRETE},
+        nfe=first_order_nfe, schedule="log_snr", stochastic=lambda options: options["eta"] > 0,
+        grid="option", reference="Lu et al. 2022, SDE-DPM-Solver++ (2M); Karras et al. 2022, eq. 6"),
+)

@@ -18,6 +18,7 @@ import torch
 from tqdm.auto import tqdm
 
 from sde.samplers.common import Callback, Denoiser, NoiseGrid, NoiseSource, report
+from sde.samplers.spec import DISCRETE, SamplerSpec
 
 Tensor = torch.Tensor
 
@@ -38,3 +39,12 @@ def heun(model: Denoiser, x: Tensor, grid: NoiseGrid, *, sde, noise: NoiseSource
         x = alpha_s * x_scaled
         report(callback, i, s, x, x0)
     return x
+
+
+def nfe(steps: int, options: dict) -> int:
+    """An Euler and a correction evaluation per step, the last step to the data Euler only."""
+    return 2 * (steps - 1) + int(options["denoise"])
+
+
+SAMPLERS = (SamplerSpec(name="heun", fn=heun, options={"discrete": DISCRETE}, nfe=nfe,
+                        schedule="quadratic", grid="option", reference="Karras et al. 2022, Alg. 1"),)

@@ -19,6 +19,7 @@ from torchdiffeq import odeint
 from tqdm.auto import tqdm
 
 from sde.samplers.common import Callback, Denoiser, NoiseGrid, NoiseSource, report
+from sde.samplers.spec import Option, SamplerSpec
 
 Tensor = torch.Tensor
 
@@ -30,11 +31,6 @@ DEFAULT_TOLERANCE = 1e-5
 
 def check_options(options: dict, sde, given: set) -> None:
     method = options["method"]
-    if method not in METHOD_STAGES:
-        raise ValueError(f"unknown ode method {method!r}; accepted: {', '.join(METHOD_STAGES)}")
-    for name in ("rtol", "atol"):
-        if not options[name] > 0:
-            raise ValueError(f"{name} must be positive, got {options[name]}")
     if method != "dopri5" and given & {"rtol", "atol"}:
         raise ValueError(f"rtol/atol apply to the adaptive method='dopri5' only, not "
                          f"method={method!r}")
@@ -69,3 +65,24 @@ def ode(model: Denoiser, x: Tensor, grid: NoiseGrid, *, sde, noise: NoiseSource,
             progress.update()
             report(callback, levels - 1, 0.0, x, x)
     return x
+
+
+def nfe(steps: int, options: dict) -> int | None:
+    """(1 / 2 / 4) (steps - 1) + denoise for euler / midpoint / rk4; None for dopri5."""
+    stages = METHOD_STAGES[options["method"]]
+    if stages is None:
+        return None
+    return stages * (steps - 1) + int(options["denoise"])
+
+
+def _tolerance(help_text: str) -> Option:
+    return Option(DEFAULT_TOLERANCE, float, help_text, valid=lambda value: value > 0, accepted="be positive")
+
+
+SAMPLERS = (SamplerSpec(
+    name="ode", fn=ode,
+    options={"method": Option("dopri5", str, "torchdiffeq's adaptive dopri5, or a fixed-step method on "
+                                             "the grid", choices=tuple(METHOD_STAGES)),
+             "rtol": _tolerance("relative tolerance of dopri5"),
+             "atol": _tolerance("absolute tolerance of dopri5")},
+    nfe=nfe, schedule="log_snr", check=check_options, reference="Song et al. 2021, eq. 13"),)

@@ -22,107 +22,42 @@ which still carries noise of scale sigma(eps), one evaluation fewer. Network eva
 """
 from __future__ import annotations
 
+import importlib
 import numbers
-from dataclasses import dataclass
+import pkgutil
 from typing import Any, Callable, Sequence
 
 import torch
 
-from sde.samplers import ancestral as ancestral_module
-from sde.samplers import ddim as ddim_module
-from sde.samplers import dpm_solver as dpm_solver_module
-from sde.samplers import heun as heun_module
-from sde.samplers import ode as ode_module
-from sde.samplers import sde_solvers
-from sde.samplers import unipc as unipc_module
-from sde.samplers.common import Denoiser, Generators, NoiseSource, model_dtype_device
-from sde.samplers.schedules import (SCHEDULE_DEFAULTS, build_grid, check_steps, is_explicit,
-                                   resolve_schedule)
+from sde.network import model_dtype_device
+from sde.samplers.common import Denoiser, Generators, NoiseSource
+from sde.samplers.schedules import build_grid, check_steps, is_explicit, resolve_schedule
+from sde.samplers.spec import GRID_OPTIONS, UNREPORTED, Option, SamplerSpec
 
 Tensor = torch.Tensor
 
-#: The smallest time, as in score_sde's samplers (sampling_eps = 1e-3). It is also the
-#: first step t_1 = T / N of the N = 1000 DDPM chain, so continuous and discrete grids end
-#: at the same noise level: sigma(1e-3) is about 0.01 on VP and about sigma_min on VE.
-DEFAULT_EPS = 1e-3
-
-#: Options every sampler accepts, with their defaults (``schedule`` None: the sampler's own).
-COMMON_OPTIONS: dict[str, Any] = {
-    "eps": DEFAULT_EPS, "denoise": True, "clip_x0": False, "schedule": None,
-    "callback": None, "disable": False, "x_T": None,
-}
-#: Options not reported in ``info["options"]`` (objects and the progress bar, not settings).
-UNREPORTED = ("callback", "x_T", "disable")
-#: Sampler options that shape the grid rather than being passed to the sampler function.
-GRID_OPTIONS = ("discrete", "spacing")
+#: Sampler modules, in the order ``available()`` lists their samplers.
+MODULE_ORDER = ("ancestral", "ddim", "ode", "sde_solvers", "dpm_solver", "unipc", "heun")
 
 
-@dataclass(frozen=True)
-class SamplerSpec:
-    """How ``sample`` runs one sampler.
-
-    fn: the sampler function. options: its own options and their defaults. check:
-    validates the resolved options, ``check(options, sde, given)`` with ``given`` the names
-    the caller passed (None: nothing to check). nfe(steps, options): network evaluations
-    (None: adaptive). grid: "continuous", "discrete" (the SDE's N-step chain), or
-    "option" (the ``discrete`` option decides). stochastic(options): whether it draws fresh
-    noise after x_T (a reverse-SDE sampler) rather than integrating the probability-flow ODE.
-    """
-
-    fn: Callable[..., Tensor]
-    options: dict[str, Any]
-    check: Callable[[dict, Any, set], None] | None
-    nfe: Callable[[int, dict], int | None]
-    grid: str = "continuous"
-    stochastic: Callable[[dict], bool] = lambda options: False
+def _discover() -> dict[str, SamplerSpec]:
+    """Every ``SamplerSpec`` in the ``SAMPLERS`` tuple of a module of this package: the
+    modules of ``MODULE_ORDER`` first, then any other in name order, so a new sampler is
+    one new module."""
+    package = importlib.import_module("sde.samplers")
+    names = [info.name for info in pkgutil.iter_modules(package.__path__)]
+    found: dict[str, SamplerSpec] = {}
+    for module_name in [*MODULE_ORDER, *sorted(set(names) - set(MODULE_ORDER))]:
+        module = importlib.import_module(f"sde.samplers.{module_name}")
+        for spec in getattr(module, "SAMPLERS", ()):
+            if spec.name in found:
+                raise ValueError(f"two sampler modules define {spec.name!r}")
+            found[spec.name] = spec
+    return found
 
 
-def _always(options: dict) -> bool:
-    return True
-
-
-def _first_order_nfe(steps: int, options: dict) -> int:
-    return steps - 1 + int(options["denoise"])
-
-
-def _ode_nfe(steps: int, options: dict) -> int | None:
-    stages = ode_module.METHOD_STAGES[options["method"]]
-    if stages is None:
-        return None
-    return stages * (steps - 1) + int(options["denoise"])
-
-
-SAMPLERS: dict[str, SamplerSpec] = {
-    "ancestral": SamplerSpec(ancestral_module.ancestral, {"variance": "beta_tilde"},
-                             ancestral_module.check_options, _first_order_nfe, grid="discrete",
-                             stochastic=_always),
-    "ddim": SamplerSpec(ddim_module.ddim, {"eta": 0.0, "discrete": False, "spacing": None},
-                        ddim_module.check_options, _first_order_nfe, grid="option",
-                        stochastic=lambda options: options["eta"] > 0),
-    "ode": SamplerSpec(ode_module.ode, {"method": "dopri5", "rtol": ode_module.DEFAULT_TOLERANCE,
-                                        "atol": ode_module.DEFAULT_TOLERANCE},
-                       ode_module.check_options, _ode_nfe),
-    "euler_maruyama": SamplerSpec(sde_solvers.euler_maruyama, {}, None, _first_order_nfe,
-                                  stochastic=_always),
-    "pc": SamplerSpec(sde_solvers.pc, {"snr": 0.16, "n_corrector": 1, "corrector_norm": "sample",
-                                       "predictor": "ancestral"},
-                      sde_solvers.check_pc_options,
-                      lambda steps, o: (steps - 1 + int(o["denoise"])) * (1 + o["n_corrector"]),
-                      stochastic=_always),
-    "dpm_solver": SamplerSpec(dpm_solver_module.dpm_solver,
-                              {"order": 2, "lower_order_final": True, "discrete": False},
-                              dpm_solver_module.check_options, _first_order_nfe, grid="option"),
-    "dpm_solver_sde": SamplerSpec(dpm_solver_module.dpm_solver_sde,
-                                  {"order": 2, "eta": 1.0, "solver_type": "midpoint", "discrete": False},
-                                  dpm_solver_module.check_sde_options, _first_order_nfe,
-                                  grid="option", stochastic=lambda options: options["eta"] > 0),
-    "unipc": SamplerSpec(unipc_module.unipc,
-                         {"order": 2, "variant": "bh2", "lower_order_final": True, "corrector": True,
-                          "discrete": False},
-                         unipc_module.check_options, _first_order_nfe, grid="option"),
-    "heun": SamplerSpec(heun_module.heun, {"discrete": False}, None,
-                        lambda steps, o: 2 * (steps - 1) + int(o["denoise"]), grid="option"),
-}
+#: name -> ``SamplerSpec`` of every sampler.
+SAMPLERS: dict[str, SamplerSpec] = _discover()
 
 
 def available() -> list[str]:
@@ -143,12 +78,12 @@ def _check_steps(steps: int) -> None:
 
 def _defaults(name: str, options: dict[str, Any]) -> dict[str, Any]:
     """Every option of sampler ``name`` with its default, then ``options``; unknown names raise."""
-    accepted = {**COMMON_OPTIONS, **_spec(name).options}
+    accepted = _spec(name).all_options
     unknown = sorted(set(options) - set(accepted))
     if unknown:
         raise ValueError(f"unknown option(s) {', '.join(unknown)} for sampler {name!r}; "
                          f"accepted: {', '.join(sorted(accepted))}")
-    return {**accepted, **options}
+    return {**_spec(name).defaults(), **options}
 
 
 def resolve_options(name: str, sde, options: dict[str, Any], steps: int | None = None) -> dict[str, Any]:
@@ -159,10 +94,12 @@ def resolve_options(name: str, sde, options: dict[str, Any], steps: int | None =
     """
     spec = _spec(name)
     resolved = _defaults(name, options)
+    for key, option in spec.all_options.items():
+        option.check(key, resolved[key])
     if spec.check is not None:
         spec.check(resolved, sde, set(options))
     if resolved["schedule"] is None:
-        resolved["schedule"] = SCHEDULE_DEFAULTS[name]
+        resolved["schedule"] = spec.schedule
     resolved["schedule"] = resolve_schedule(sde, resolved["schedule"])
     if is_explicit(resolved["schedule"]):
         last = resolved["schedule"][-1]
@@ -170,6 +107,8 @@ def resolve_options(name: str, sde, options: dict[str, Any], steps: int | None =
             raise ValueError(f"eps={options['eps']} differs from the last time of the explicit "
                              f"schedule, {last}; leave eps unset")
         resolved["eps"] = last
+    elif not 0.0 < resolved["eps"] < sde.T:
+        raise ValueError(f"eps must lie in (0, T={sde.T:g}), got {resolved['eps']}")
     if steps is not None:
         check_steps(resolved["schedule"], steps)
     return resolved
@@ -210,6 +149,44 @@ def steps_for_nfe(name: str, nfe: int, **options) -> int:
     return steps
 
 
+def config_options() -> dict[str, Option]:
+    """Every option a config can set (``sampling.options``): the options with a type of
+    every sampler and the common ones. An option of several samplers has one type."""
+    found: dict[str, Option] = {}
+    for spec in SAMPLERS.values():
+        for key, option in spec.all_options.items():
+            if option.type is None:
+                continue
+            if key in found and found[key].type is not option.type:
+                raise TypeError(f"option {key!r} has two types: {found[key].type} and {option.type}")
+            found.setdefault(key, option)
+    return found
+
+
+def parse_option(name: str, key: str, text: str) -> Any:
+    """The value of ``key=text`` for sampler ``name``, read through the option's type."""
+    _defaults(name, {key: None})  # an unknown key raises, naming the accepted ones
+    return _spec(name).all_options[key].parse(key, text)
+
+
+def parse_run(entry: str) -> tuple[str, int, dict[str, Any]]:
+    """``"ddim:50:eta=1.0,schedule=quadratic"`` -> ("ddim", 50, {"eta": 1.0, "schedule": "quadratic"}),
+    each value read through its option's type; the options are not yet checked (``resolve_options``)."""
+    parts = entry.split(":")
+    if len(parts) not in (2, 3) or not parts[1].strip().isdigit():
+        raise ValueError(f"run entry {entry!r} is not 'method:steps' or 'method:steps:key=value,...'")
+    name = parts[0].strip()
+    _spec(name)
+    options = {}
+    if len(parts) == 3 and parts[2]:
+        for item in parts[2].split(","):
+            key, sep, value = item.partition("=")
+            if not sep:
+                raise ValueError(f"run entry {entry!r}: option {item!r} is not key=value")
+            options[key.strip()] = parse_option(name, key.strip(), value)
+    return name, int(parts[1]), options
+
+
 def sample(name: str, model: Callable[[Tensor, Tensor], Tensor], sde, shape: Sequence[int], *,
            steps: int, generator: Generators = None, **options) -> tuple[Tensor, dict[str, Any]]:
     """Draw ``shape[0]`` samples with sampler ``name``: returns ``(x, info)``.
@@ -223,7 +200,7 @@ def sample(name: str, model: Callable[[Tensor, Tensor], Tensor], sde, shape: Seq
       generator: None, a ``torch.Generator``, or a list of one generator per sample, in
         which case sample k's x_T and per-step noise come from generator k only.
       options: common ones (``eps``, ``denoise``, ``clip_x0``, ``schedule``, ``callback``,
-        ``disable``, ``x_T``) and the sampler's own; see ``SAMPLERS``.
+        ``disable``, ``x_T``) and the sampler's own; see ``SAMPLERS[name].options``.
 
     Returns:
       x in the working dtype (x_T's dtype, else the model's, else float32) and ``info``
@@ -250,7 +227,7 @@ def sample(name: str, model: Callable[[Tensor, Tensor], Tensor], sde, shape: Seq
     steps = int(steps)
     grid = build_grid(sde, steps, resolved["schedule"], float(resolved["eps"]),
                       discrete=discrete, to_data=bool(resolved["denoise"]))
-    denoiser = Denoiser(model, param_dtype or dtype, clip_x0=bool(resolved["clip_x0"]))
+    denoiser = Denoiser(model, dtype, clip_x0=bool(resolved["clip_x0"]))
     sampler_options = {key: resolved[key] for key in spec.options if key not in GRID_OPTIONS}
     with torch.no_grad():
         x = (noise.prior(sde, shape) if x_T is None else x_T).to(torch.float64)

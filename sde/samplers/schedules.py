@@ -22,33 +22,13 @@ with the first at i = N and the last at the step nearest eps (at least i = 1): f
 ``steps == N`` this is the whole chain, for fewer steps the respaced sub-chain of Nichol &
 Dhariwal 2021, sec. 4.
 
-Default schedule per sampler (``SCHEDULE_DEFAULTS``), measured by
-``bench/sampler_schedules.py``: exact noise predictors of two mixtures of narrow Gaussians
-(8 modes of std 0.03 on a ring in 2-D; 16 modes of std 0.05 at corners of [-0.8, 0.8]^16),
-every sampler at about 10 and 20 NFE on VP, sub-VP and VE (12 settings), scored by the
-sliced 2-Wasserstein distance of 20,000 samples to exact draws. Geometric mean over the
-settings of the distance relative to the best schedule of each setting (1.00 = always best):
-
-    sampler                    uniform  quadratic  log_snr  karras   default
-    ancestral                    1.33     1.13      1.14     1.23    quadratic
-    ddim                         1.28     1.10      1.19     1.19    quadratic
-    ode (euler)                  2.44     1.30      1.61     1.41    log_snr: the best
-    ode (midpoint)               1.90     2.07      1.18     1.39    log_snr  product over
-    ode (rk4)                    3.52     2.90      1.91     2.35    log_snr  the three
-    euler_maruyama               3.58     1.83      1.32     1.97    log_snr
-    pc                           2.58     1.53      1.29     2.05    log_snr
-    dpm_solver (order 2)         2.44     1.12      1.12     1.52    log_snr
-    dpm_solver (order 3)         2.27     1.17      1.03     1.77    log_snr
-    dpm_solver_sde (order 2)     3.17     1.18      1.11     1.82    log_snr
-    unipc (order 2)              2.65     1.11      1.13     1.54    log_snr (tie; as dpm_solver)
-    unipc (order 3)              2.30     1.11      1.07     1.63    log_snr
-    unipc (order 2, bh1)         5.98     1.18      1.07     2.25    log_snr
-    heun                         1.72     1.36      1.99     2.81    quadratic
-
-Uniform-in-t is never the best: it spends most steps at high noise. Karras' rho = 7,
-tuned for images, puts too many of 10-20 levels near eps for these sharp modes. On VE,
-uniform in t is uniform in log-SNR (lambda is linear in t there). ``ode`` with its
-default adaptive ``dopri5`` only reports at the grid's levels.
+Each sampler names its default schedule in its ``SamplerSpec`` (``spec.py``): the one
+that ``bench/sampler_schedules.py`` found best for it on mixtures of narrow Gaussians with
+their exact noise predictors, at about 10 and 20 NFE, on VP, sub-VP and VE (BENCHMARKS.md,
+"Default schedules"). Uniform-in-t spends most steps at high noise; Karras' rho = 7, tuned
+for images, puts many of few levels near eps. On VE, uniform in t is uniform in log-SNR
+(lambda is linear in t there). ``ode`` with its default adaptive ``dopri5`` only reports at
+the grid's levels.
 
 Explicit schedules. Instead of a name, ``schedule`` may be the times themselves: a sequence
 (or 1-d tensor) t_0 = T > t_1 > ... > t_{steps-1} > 0, or the path of a ``.json`` file
@@ -216,16 +196,3 @@ def build_grid(sde, steps: int, schedule: Schedule, eps: float, *, discrete: boo
         grid = NoiseGrid(t, sde.alpha(t).to(torch.float64), sde.sigma(t).to(torch.float64))
     return grid.with_data() if to_data else grid
 
-
-#: Default schedule of each sampler (measured, see the module docstring).
-SCHEDULE_DEFAULTS = {
-    "ancestral": "quadratic",
-    "ddim": "quadratic",
-    "ode": "log_snr",
-    "euler_maruyama": "log_snr",
-    "pc": "log_snr",
-    "dpm_solver": "log_snr",
-    "dpm_solver_sde": "log_snr",
-    "unipc": "log_snr",
-    "heun": "quadratic",
-}

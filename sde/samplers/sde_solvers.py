@@ -50,26 +50,13 @@ from tqdm.auto import tqdm
 
 from sde.samplers.ancestral import ancestral_step
 from sde.samplers.common import Callback, Denoiser, NoiseGrid, NoiseSource, report
+from sde.samplers.spec import Option, SamplerSpec, always, first_order_nfe
 
 Tensor = torch.Tensor
 
 
 CORRECTOR_NORMS = ("sample", "batch")
 PREDICTORS = ("ancestral", "reverse_diffusion")
-
-
-def check_pc_options(options: dict, sde, given: set) -> None:
-    if options["predictor"] not in PREDICTORS:
-        raise ValueError(f"unknown predictor {options['predictor']!r}; accepted: "
-                         f"{', '.join(PREDICTORS)}")
-    if options["corrector_norm"] not in CORRECTOR_NORMS:
-        raise ValueError(f"unknown corrector_norm {options['corrector_norm']!r}; accepted: "
-                         f"{', '.join(CORRECTOR_NORMS)}")
-    if not options["snr"] > 0:
-        raise ValueError(f"snr must be positive, got {options['snr']}")
-    n_corrector = options["n_corrector"]
-    if isinstance(n_corrector, bool) or not isinstance(n_corrector, int) or n_corrector < 0:
-        raise ValueError(f"n_corrector must be a non-negative integer, got {n_corrector!r}")
 
 
 def euler_maruyama(model: Denoiser, x: Tensor, grid: NoiseGrid, *, sde, noise: NoiseSource,
@@ -139,3 +126,25 @@ def pc(model: Denoiser, x: Tensor, grid: NoiseGrid, *, sde, noise: NoiseSource,
             x = (2.0 - a_ts) * x - g_sq * eps / sigma_t + g_sq ** 0.5 * noise.randn(x.shape)
         report(callback, i, s, x, x0)
     return x
+
+
+def pc_nfe(steps: int, options: dict) -> int:
+    """Each predictor step is followed by ``n_corrector`` corrector steps, one evaluation each."""
+    return (steps - 1 + int(options["denoise"])) * (1 + options["n_corrector"])
+
+
+SAMPLERS = (
+    SamplerSpec(name="euler_maruyama", fn=euler_maruyama, options={}, nfe=first_order_nfe,
+                schedule="log_snr", stochastic=always, reference="Song et al. 2021, eq. 6"),
+    SamplerSpec(
+        name="pc", fn=pc,
+        options={"snr": Option(0.16, float, "signal-to-noise ratio of the Langevin corrector step",
+                               valid=lambda snr: snr > 0, accepted="be positive"),
+                 "n_corrector": Option(1, int, "corrector steps per predictor step",
+                                       valid=lambda n: n >= 0, accepted="be a non-negative integer"),
+                 "corrector_norm": Option("sample", str, "norms in the corrector's step size: each "
+                                                         "sample's own, or the batch's mean",
+                                          choices=CORRECTOR_NORMS),
+                 "predictor": Option("ancestral", str, "the predictor step", choices=PREDICTORS)},
+        nfe=pc_nfe, schedule="log_snr", stochastic=always, reference="Song et al. 2021, Alg. 2-3"),
+)

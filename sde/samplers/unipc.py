@@ -55,17 +55,12 @@ from tqdm.auto import tqdm
 
 from sde.samplers import dpm_solver
 from sde.samplers.common import Callback, Denoiser, NoiseGrid, NoiseSource, report
+from sde.samplers.spec import DISCRETE, Option, SamplerSpec, first_order_nfe
 
 Tensor = torch.Tensor
 
 ORDERS = dpm_solver.ORDERS
 VARIANTS = ("bh1", "bh2")
-
-
-def check_options(options: dict, sde, given: set) -> None:
-    dpm_solver.check_options(options, sde, given, ORDERS)
-    if options["variant"] not in VARIANTS:
-        raise ValueError(f"unknown variant {options['variant']!r}; accepted: {', '.join(VARIANTS)}")
 
 
 def difference_weights(h: float, r: list[float], variant: str) -> tuple[float, list[float]]:
@@ -129,3 +124,15 @@ def unipc(model: Denoiser, x: Tensor, grid: NoiseGrid, *, sde, noise: NoiseSourc
             x = _update(x, history, log_snr, i, step_order, variant, alpha_s, sigma_t, sigma_s)
         report(callback, i, s, x, x0)
     return x
+
+
+SAMPLERS = (SamplerSpec(
+    name="unipc", fn=unipc,
+    options={"order": Option(2, int, "order p of the predictor (the corrector is of order p + 1)",
+                             choices=ORDERS),
+             "variant": Option("bh2", str, "B(h) = h (bh1) or 1 - e^-h (bh2)", choices=VARIANTS),
+             "lower_order_final": dpm_solver.LOWER_ORDER_FINAL,
+             "corrector": Option(True, bool, "apply the UniC corrector (False: UniP alone)"),
+             "discrete": DISCRETE},
+    nfe=first_order_nfe, schedule="log_snr", grid="option",
+    reference="Zhao et al. 2023, UniPC (UniP-p predictor, UniC-p corrector)"),)

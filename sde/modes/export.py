@@ -14,16 +14,27 @@ from typing import Any
 
 import torch
 
-from sde import checkpoint
+from sde import checkpoint, configuration
 from sde.inference import load_ema_model
 from sde.workdir import Workdir
 
 
-def export(config, workdir: str | Path) -> dict[str, Any]:
-    """Run ``--mode export``; returns the path written and its metadata."""
+def check(config) -> None:
+    """The config of an export: one clear ValueError on the first problem."""
+    configuration.validate(config)
     if config.sampling.checkpoint.endswith(".safetensors"):
         raise ValueError(f"sampling.checkpoint={config.sampling.checkpoint!r} is already exported "
                          f"weights; give a .pt checkpoint or leave it empty for the workdir's newest")
+
+
+def run(config, workdir: str | Path) -> dict[str, Any]:
+    """``--mode export``: check the config, then export (``export``)."""
+    check(config)
+    return export(config, workdir)
+
+
+def export(config, workdir: str | Path) -> dict[str, Any]:
+    """Run ``--mode export``; returns the path written and its metadata."""
     run = Workdir(workdir)
     model, source, step = load_ema_model(config, workdir, torch.device("cpu"),
                                          config.sampling.checkpoint)

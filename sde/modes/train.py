@@ -23,9 +23,9 @@ import torch
 from torch.utils.tensorboard import SummaryWriter
 from tqdm.auto import tqdm
 
-from sde import checkpoint, data, distributed, samplers
-from sde.configuration import sampler_options
-from sde.inference import load_weights, sample_shape
+from sde import checkpoint, configuration, data, distributed, samplers
+from sde.configuration import positive_int, require, sampler_options
+from sde.inference import load_weights
 from sde.losses import LossConfig, make_loss_fn
 from sde.models import count_parameters, create_model
 from sde.sdes import create_sde
@@ -118,7 +118,7 @@ class _StopRequest:
 
 def sample_grid(config, ema_model: torch.nn.Module, sde, device: torch.device, count: int = 64):
     """A fixed-seed batch from the configured sampler (for TensorBoard / PNG during training)."""
-    shape = sample_shape(config, count)
+    shape = data.sample_shape(config, count)
     generator = torch.Generator(device=device).manual_seed(config.sampling.seed)
     x, _ = samplers.sample(config.sampling.method, ema_model, sde, shape,
                            steps=config.sampling.steps, generator=generator, disable=True,
@@ -126,8 +126,41 @@ def sample_grid(config, ema_model: torch.nn.Module, sde, device: torch.device, c
     return x
 
 
+def check(config) -> None:
+    """The config of a training run: one clear ValueError on the first problem."""
+    configuration.validate(config)
+    training = config.training
+    for key in ("batch_size", "n_iters", "log_freq", "snapshot_freq", "sample_freq",
+                "keep_checkpoints", "max_bad_steps"):
+        positive_int(training[key], f"training.{key}")
+    require(training.lr > 0, f"training.lr must be > 0, got {training.lr}")
+    require(training.warmup >= 0, f"training.warmup must be >= 0, got {training.warmup}")
+    require(0.0 < training.eps < 1.0, f"training.eps must be in (0, 1), got {training.eps}")
+    require(training.continuous or not training.likelihood_weighting,
+            "training.likelihood_weighting needs training.continuous=True")
+    require(training.continuous or config.sde.name == "vp",
+            f"training.continuous=False (DDPM) needs sde.name='vp', got {config.sde.name!r}")
+    if training.init_weights:
+        require(Path(training.init_weights).suffix in (".safetensors", ".pt"),
+                f"training.init_weights must be .safetensors weights or a checkpoint .pt, "
+                f"got {training.init_weights!r}")
+        require(Path(training.init_weights).is_file(),
+                f"training.init_weights={training.init_weights!r} does not exist")
+    configuration.check_sampling(config)  # the sample grids written during training
+
+
+def run(config, workdir: str | Path) -> dict[str, Any]:
+    """``--mode train``: check the config, then train; the summary with a printed message."""
+    check(config)
+    summary = train(config, workdir)
+    summary["message"] = (f"trained to step {summary['step']} in {summary['wall_time_s']:.0f} s; "
+                          f"last loss {summary['last_loss']:.4f}; workdir {workdir}")
+    return summary
+
+
 def train(config, workdir: str | Path) -> dict[str, Any]:
-    """Train (or resume) in ``workdir``; returns a summary (steps, wall time, last loss)."""
+    """Train (or resume) in ``workdir``; returns a summary (steps, wall time, last loss).
+    The config is assumed checked (``run`` checks it first)."""
     context = distributed.setup(config.device)
     device = context.device
     run = Workdir(workdir, create=context.is_main)
@@ -282,7 +315,7 @@ def _write_samples(config, ema_model, sde, device, run, writer, step, dataset) -
         x = sample_grid(config, ema_model, sde, device).float().cpu()
     ema_model.train(was_training)
     path = run.samples / f"train_step_{step}.png"
-    if config.data.dataset == "toy":
+    if not data.get_dataset(config.data.dataset).is_image:
         images.scatter_png(x.numpy(), path, title=f"step {step}",
                            reference=dataset[:2000].numpy())
         return

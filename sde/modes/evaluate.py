@@ -14,98 +14,26 @@ classifier averages up to the order of float64 additions. Only rank 0 writes and
 """
 from __future__ import annotations
 
-import hashlib
 import math
-import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from sde import data, distributed, images, likelihood, samplers
-from sde.configuration import sampler_options
-from sde.inference import load_ema_model, sample_shape
+from sde import configuration, data, distributed, images, likelihood
+from sde.configuration import positive_int, require, sampler_options
+from sde.inference import load_ema_model
 from sde.losses import LossConfig, make_loss_fn
-from sde.run_sample import generate
+from sde.quality import classifier_metrics_for, inception_for, reference_features, sample_quality
 from sde.sdes import create_sde
 from sde.workdir import Workdir
 
-GRID_IMAGES = 100
 #: Random streams of the held-out evaluation: batch b of stream s draws from generator
 #: (config.seed, s, b), whichever process evaluates it.
 HELDOUT_LOSS_STREAM, BPD_ODE_STREAM, BPD_ELBO_STREAM, ELBO_PILOT_STREAM = range(4)
 #: The ELBO parts reported besides the total (likelihood.elbo_bits_per_dim).
 ELBO_PARTS = ("prior", "diffusion", "reconstruction")
-
-
-def _uint8_batches(images_uint8: torch.Tensor, batch_size: int):
-    for start in range(0, len(images_uint8), batch_size):
-        yield images_uint8[start:start + batch_size]
-
-
-def reference_features(config, run: Workdir, inception, *, shard: tuple[int, int] = (0, 1)):
-    """Inception statistics of the training split, cached in ``workdir/eval``.
-
-    The cache key holds dataset, split, count and a digest of the pixels, so a split that
-    fell back to another set of images (offline MNIST) never reuses a wrong cache. With
-    ``shard=(rank, world)`` the ranks compute a missing cache together; rank 0 writes it.
-    """
-    from evaluation import reference_stats
-
-    reference, _ = data.evaluation_subset(*data.load_dataset(config),
-                                          config.eval.reference_num_images, seed=config.seed)
-    digest = hashlib.sha1(reference.numpy().tobytes()).hexdigest()[:10]
-    return reference_stats(run.eval, dataset=config.data.dataset,
-                           split=f"{config.data.split}-{digest}", count=len(reference),
-                           images=lambda: _uint8_batches(reference, config.eval.batch_size),
-                           extractor=inception, shard=shard, sum_arrays=distributed.all_reduce_arrays,
-                           write_cache=shard[0] == 0)
-
-
-def sample_quality(config, model, sde, device, *, method: str, steps: int, options: dict,
-                   num_samples: int, inception, reference, classifier=None,
-                   progress: bool = True, shard: tuple[int, int] = (0, 1)) -> tuple[dict[str, Any], np.ndarray]:
-    """FID/KID (and classifier metrics on MNIST) of ``num_samples`` streamed samples.
-
-    Samples go batch by batch through Inception (and the classifier) into running
-    statistics; only the first ``GRID_IMAGES`` are kept, for a grid. With
-    ``shard=(rank, world)`` this process does batches rank, rank + world, ...; every rank
-    returns the metrics of all samples. Returns (metrics, grid images).
-    """
-    from evaluation import compare_feature_sets
-    from evaluation.fid import FeatureAccumulator
-
-    features = FeatureAccumulator(num_samples, reference.stats.dim)
-    grid = torch.zeros(sample_shape(config, min(GRID_IMAGES, num_samples)), dtype=torch.uint8)
-    batch_size = config.sampling.batch_size
-    batch_nfe = torch.zeros(math.ceil(num_samples / batch_size), dtype=torch.int64)
-    start = time.perf_counter()
-    sampling_time = 0.0
-    batch_start = time.perf_counter()
-    for first, x, info in generate(config, model, sde, device, num_samples=num_samples,
-                                   seed=config.sampling.seed, method=method, steps=steps,
-                                   options=options, shard=shard, progress=progress):
-        sampling_time += time.perf_counter() - batch_start
-        batch_nfe[first // batch_size] = info["nfe"]
-        batch = data.float_to_uint8(x.float().cpu(), dequantized=config.data.dequantize)
-        features.update(inception(batch), first)
-        if classifier is not None:
-            classifier.update(batch)
-        grid[first:first + len(batch)] = batch[:max(len(grid) - first, 0)]
-        batch_start = time.perf_counter()
-    features.load_arrays(distributed.all_reduce_arrays(features.to_arrays()))
-    if classifier is not None:
-        classifier.load_arrays(distributed.all_reduce_arrays(classifier.to_arrays()))
-    metrics = {"sampler": method, "steps": steps, "options": options,
-               "resolved_options": samplers.reported_options(method, sde, options),
-               "nfe": int(distributed.sum_over_ranks(batch_nfe)[-1]),  # the last batch's, as sampled
-               "num_samples": num_samples, "processes": shard[1], "sampling_time_s": sampling_time,
-               "wall_time_s": time.perf_counter() - start}
-    metrics.update(compare_feature_sets(features.feature_set(), reference, seed=config.sampling.seed))
-    if classifier is not None:
-        metrics["classifier"] = classifier.result()
-    return metrics, distributed.sum_over_ranks(grid).numpy()
 
 
 def _batch_generator(seed: int, stream: int, batch_index: int) -> torch.Generator:
@@ -181,6 +109,30 @@ def heldout_metrics(config, model, sde, heldout: torch.Tensor, *,
     return report
 
 
+def check(config) -> None:
+    """The config of an evaluation: one clear ValueError on the first problem."""
+    configuration.validate(config)
+    evaluation = config.eval
+    positive_int(evaluation.bpd_num_images, "eval.bpd_num_images")
+    positive_int(evaluation.bpd_repeats, "eval.bpd_repeats")
+    require(evaluation.bpd_dequantization in likelihood.DEQUANTIZATIONS,
+            f"unknown eval.bpd_dequantization {evaluation.bpd_dequantization!r}; "
+            f"accepted: {', '.join(likelihood.DEQUANTIZATIONS)}")
+    if evaluation.bpd_dequantization == "truncated_normal":
+        try:
+            likelihood.truncation_time(create_sde(config), evaluation.bpd_truncation, config.data.dequantize)
+        except ValueError as error:
+            raise ValueError(f"eval.bpd_truncation: {error}") from error
+    data.validate_data_config(config, evaluation.heldout_split)
+    configuration.check_sampling(config)
+
+
+def run(config, workdir: str | Path) -> dict[str, Any]:
+    """``--mode eval``: check the config, then evaluate (``evaluate``)."""
+    check(config)
+    return evaluate(config, workdir)
+
+
 def evaluate(config, workdir: str | Path) -> dict[str, Any]:
     """Run ``--mode eval``; returns the report it writes (rank 0; ``{}`` on other ranks)."""
     context = distributed.setup(config.device)
@@ -191,18 +143,15 @@ def evaluate(config, workdir: str | Path) -> dict[str, Any]:
     model, source, step = load_ema_model(config, workdir, device, config.sampling.checkpoint)
     report: dict[str, Any] = {"checkpoint": source, "checkpoint_step": step, "sde": repr(sde)}
 
-    if config.data.dataset != "toy":
+    if data.get_dataset(config.data.dataset).is_image:
         heldout, _ = data.evaluation_subset(*data.load_dataset(config, split=eval_cfg.heldout_split),
                                             eval_cfg.bpd_num_images, seed=config.seed)
         report["heldout"] = {"split": eval_cfg.heldout_split, "num_images": len(heldout)}
         report.update(heldout_metrics(config, model, sde, heldout, shard=context.shard))
 
-        from evaluation import ClassifierMetrics, InceptionFeatures
-
-        inception = InceptionFeatures(eval_cfg.inception_path or None, device=device,
-                                      batch_size=eval_cfg.batch_size)
+        inception = inception_for(config, device)
         reference = reference_features(config, run, inception, shard=context.shard)
-        classifier = ClassifierMetrics(device=device) if config.data.dataset == "mnist" else None
+        classifier = classifier_metrics_for(config, device)
         quality, grid = sample_quality(
             config, model, sde, device, method=config.sampling.method, steps=config.sampling.steps,
             options=sampler_options(config), num_samples=eval_cfg.num_samples,

@@ -16,8 +16,8 @@ from typing import Any
 
 import torch
 
-from sde import data, samplers
-from sde.configuration import sampler_options
+from sde import configuration, data, samplers
+from sde.configuration import positive_int, require, sampler_options
 from sde.distributed import resolve_device
 from sde.inference import load_ema_model
 from sde.samplers import align_steps
@@ -37,6 +37,24 @@ def training_data_source(config) -> align_steps.DataSource:
                                   dequantize=config.data.dequantize, generator=generator).to(torch.float32)
 
     return draw
+
+
+def check(config) -> None:
+    """The config of a schedule fit: one clear ValueError on the first problem."""
+    configuration.validate(config)
+    positive_int(config.align_steps.iterations, "align_steps.iterations")
+    positive_int(config.align_steps.batch_size, "align_steps.batch_size")
+    require(config.align_steps.learning_rate > 0,
+            f"align_steps.learning_rate must be > 0, got {config.align_steps.learning_rate}")
+    require(config.sampling.steps >= 3,
+            f"align_steps needs sampling.steps >= 3 (the ends stay fixed), got {config.sampling.steps}")
+    configuration.check_sampling(config)
+
+
+def run(config, workdir: str | Path) -> dict[str, Any]:
+    """``--mode align_steps``: check the config, then fit (``align``)."""
+    check(config)
+    return align(config, workdir)
 
 
 def align(config, workdir: str | Path) -> dict[str, Any]:

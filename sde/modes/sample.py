@@ -2,7 +2,7 @@
 
 Writes into ``workdir/samples/`` (``<name>`` = ``<method>_<steps>steps_seed<seed>``):
 ``<name>.png`` (grid of the first 100), ``<name>.npz`` (``images``: uint8 [N, C, H, W];
-toy data: ``points`` float32 [N, 2]), ``<name>.json`` (sampler, the options given and every
+point data: ``points`` float32 [N, D]), ``<name>.json`` (sampler, the options given and every
 setting resolved (``resolved_options``), steps, NFE, seed,
 wall time, checkpoint), and with ``sampling.save_trajectory`` ``<name>_trajectory.png``:
 rows of x_T -> x_0 for a few samples, then rows of the forward noising of real images at
@@ -24,37 +24,18 @@ from typing import Any, BinaryIO, Iterable, Iterator
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
-from sde import data, distributed, images, samplers
+from sde import configuration, data, distributed, images, samplers
 from sde.checkpoint import atomic_write
 from sde.configuration import sampler_options
-from sde.inference import load_ema_model, sample_generators, sample_shape
+from sde.generation import generate, sample_generators
+from sde.inference import load_ema_model
+from sde.quality import GRID_IMAGES
 from sde.sdes import create_sde
 from sde.workdir import Workdir
 
 TRAJECTORY_ROWS = 4      # samples shown in the reverse-process strip
 TRAJECTORY_COLUMNS = 10  # frames per strip, x_T ... x_0
-GRID_IMAGES = 100
-
-
-def generate(config, model, sde, device: torch.device, *, num_samples: int, seed: int,
-             method: str, steps: int, options: dict[str, Any], shard: tuple[int, int] = (0, 1),
-             progress: bool = True) -> Iterator[tuple[int, torch.Tensor, dict[str, Any]]]:
-    """Yield (first_index, samples, info) batch by batch; image k uses generator (seed, k).
-
-    With ``shard=(rank, world)`` this process produces only the batches with
-    ``batch_index % world == rank``, so the union over ranks is the single-process set.
-    """
-    batch_size = config.sampling.batch_size
-    starts = list(range(0, num_samples, batch_size))[shard[0]::shard[1]]
-    for first in tqdm(starts, desc=f"{method} x{steps}", disable=not progress, dynamic_ncols=True):
-        count = min(batch_size, num_samples - first)
-        generators = sample_generators(seed, first, count, device)
-        with torch.no_grad():
-            x, info = samplers.sample(method, model, sde, sample_shape(config, count),
-                                      steps=steps, generator=generators, disable=True, **options)
-        yield first, x, info
 
 
 def _trajectory(config, model, sde, device, options) -> np.ndarray:
@@ -66,7 +47,7 @@ def _trajectory(config, model, sde, device, options) -> np.ndarray:
         frames.append(state["x"].detach().float().cpu())
         states.append({"i": state["i"], "t": state["t"]})
 
-    shape = sample_shape(config, TRAJECTORY_ROWS)
+    shape = data.sample_shape(config, TRAJECTORY_ROWS)
     generators = sample_generators(config.sampling.seed, 0, TRAJECTORY_ROWS, device)
     x_T = torch.cat([sde.prior_sampling((1,) + shape[1:], generator=g, device=device) for g in generators])
     keep({"i": -1, "t": sde.T, "x": x_T})
@@ -78,7 +59,7 @@ def _trajectory(config, model, sde, device, options) -> np.ndarray:
     frame_times = [state["t"] for state in states]
     shown_t = [float(frame_times[i]) for i in picks] + [0.0]
 
-    real, _ = data.load_dataset(config, split="test" if config.data.dataset != "toy" else None)
+    real, _ = data.load_dataset(config, split=data.get_dataset(config.data.dataset).preview_split)
     x0 = data.uint8_to_float(real[:TRAJECTORY_ROWS], dequantize=False)
     noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(config.sampling.seed))
     forward = []
@@ -93,9 +74,11 @@ def _trajectory(config, model, sde, device, options) -> np.ndarray:
 
 
 def _stored(config, x: torch.Tensor) -> torch.Tensor:
-    """What the .npz holds: float32 points (toy data) or uint8 images."""
+    """What the .npz holds: float32 points (point data) or uint8 images."""
     x = x.float().cpu()
-    return x if config.data.dataset == "toy" else data.float_to_uint8(x, dequantized=config.data.dequantize)
+    if not data.get_dataset(config.data.dataset).is_image:
+        return x
+    return data.float_to_uint8(x, dequantized=config.data.dequantize)
 
 
 def _batches_in_order(config, model, sde, context: distributed.Context,
@@ -114,9 +97,9 @@ def _batches_in_order(config, model, sde, context: distributed.Context,
         yield from ((first, _stored(config, x), info["nfe"]) for first, x, info in produced)
         return
     num_batches = math.ceil(cfg.num_samples / cfg.batch_size)
-    dtype = torch.float32 if config.data.dataset == "toy" else torch.uint8
+    dtype = torch.uint8 if data.get_dataset(config.data.dataset).is_image else torch.float32
     for round_first in range(0, num_batches, context.world_size):
-        block = torch.zeros(sample_shape(config, cfg.batch_size), dtype=dtype)
+        block = torch.zeros(data.sample_shape(config, cfg.batch_size), dtype=dtype)
         nfe = torch.zeros(1, dtype=torch.int64)
         item = next(produced, None)
         if item is not None:
@@ -155,6 +138,18 @@ def write_npz_rows(handle: BinaryIO, key: str, shape: tuple[int, ...], dtype: np
         raise ValueError(f"{key} got {rows} of its {shape[0]} rows")
 
 
+def check(config) -> None:
+    """The config of a sampling run: one clear ValueError on the first problem."""
+    configuration.validate(config)
+    configuration.check_sampling(config)
+
+
+def run(config, workdir: str | Path) -> dict[str, Any]:
+    """``--mode sample``: check the config, then sample (``sample``)."""
+    check(config)
+    return sample(config, workdir)
+
+
 def sample(config, workdir: str | Path) -> dict[str, Any]:
     """Run ``--mode sample``; returns the JSON record it writes (rank 0; ``{}`` on other ranks)."""
     context = distributed.setup(config.device)
@@ -164,7 +159,7 @@ def sample(config, workdir: str | Path) -> dict[str, Any]:
     cfg = config.sampling
     options = sampler_options(config)
     name = f"{cfg.method}_{cfg.steps}steps_seed{cfg.seed}"
-    toy = config.data.dataset == "toy"
+    points = not data.get_dataset(config.data.dataset).is_image
 
     start = time.perf_counter()
     batches = _batches_in_order(config, model, sde, context, options)
@@ -179,18 +174,18 @@ def sample(config, workdir: str | Path) -> dict[str, Any]:
         nonlocal nfe
         for first, stored, batch_nfe in batches:
             nfe = batch_nfe  # the last batch's, as a single process reports it
-            if not toy and first < GRID_IMAGES:
+            if not points and first < GRID_IMAGES:
                 grid.append(stored[:GRID_IMAGES - first].numpy())
             yield stored.numpy()
 
     samples_dir = run.samples
     npz_path = samples_dir / f"{name}.npz"
-    key, dtype = ("points", np.float32) if toy else ("images", np.uint8)
+    key, dtype = ("points", np.float32) if points else ("images", np.uint8)
     atomic_write(npz_path, lambda handle: write_npz_rows(
-        handle, key, sample_shape(config, cfg.num_samples), dtype, blocks()))
+        handle, key, data.sample_shape(config, cfg.num_samples), dtype, blocks()))
     wall_time = time.perf_counter() - start
 
-    if toy:
+    if points:
         reference, _ = data.load_dataset(config)
         with np.load(npz_path) as saved:
             images.scatter_png(saved["points"], samples_dir / f"{name}.png", title=name,

@@ -1,0 +1,132 @@
+"""How a data set describes itself, and the one entry point that loads any of them.
+
+Each data set is a module of this package that defines ``DATASET = Dataset(...)``: its
+name (``config.data.dataset``), what its examples are, its splits, its loader, the checks
+of ``config.data`` it needs and the classifier that judges its samples. ``sde.data``
+imports every module of the package and collects them into ``DATASETS``, so adding a data
+set is one new module (see the README's "Extending").
+"""
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import ml_collections
+import torch
+
+Tensor = torch.Tensor
+
+#: The kinds of examples: uint8 images [N, C, H, W] (scaled by ``sde.data.scaling``, shown
+#: as grids, scored by FID) or float32 points [N, D] (shown as scatter plots).
+KINDS = ("image", "points")
+#: MNIST digits and CIFAR-10 classes alike.
+NUM_CLASSES = 10
+
+
+@dataclass(frozen=True)
+class Dataset:
+    """A data set as the toolkit sees it.
+
+    name: the value of ``config.data.dataset``.
+    kind: "image" or "points" (``KINDS``).
+    splits: the accepted values of ``data.split`` and ``eval.heldout_split``.
+    load(data_config, split, seed): (examples, int64 labels or None); images uint8
+      [N, C, H, W], points float32 [N, D]. ``seed`` is the run's (generated sets use it).
+    example_shape(data_config): the shape of one example, e.g. (1, 28, 28) or (2,).
+    check(data_config): raise a one-line ValueError for settings this set cannot honour.
+    num_classes: labels are 0..num_classes-1 (0: the set has no labels).
+    classifier: the name of the ``evaluation`` classifier that judges generated samples
+      (classifier confidence and class histogram), or None.
+    preview_split: the split whose examples are shown beside samples (the forward-noising
+      rows of a trajectory); None: ``data.split``.
+    """
+
+    name: str
+    kind: str
+    splits: tuple[str, ...]
+    load: Callable[[ml_collections.ConfigDict, str, int], tuple[Tensor, Tensor | None]]
+    example_shape: Callable[[ml_collections.ConfigDict], tuple[int, ...]]
+    check: Callable[[ml_collections.ConfigDict], None]
+    num_classes: int = 0
+    classifier: str | None = None
+    preview_split: str | None = None
+
+    def __post_init__(self):
+        if self.kind not in KINDS:
+            raise ValueError(f"data set {self.name!r}: kind {self.kind!r} is not one of {KINDS}")
+
+    @property
+    def is_image(self) -> bool:
+        return self.kind == "image"
+
+
+def check_image_config(data: ml_collections.ConfigDict, name: str, image_size: int,
+                       num_channels: int, *, flips: bool) -> None:
+    """The checks every labelled 8-bit image set shares: its image shape, whether a
+    left-right flip keeps an example in the set (``flips``), and ``data.classes``."""
+    if (data.image_size, data.num_channels) != (image_size, num_channels):
+        raise ValueError(f"{name} images are {image_size}x{image_size} with {num_channels} channel(s), "
+                         f"but the config has image_size={data.image_size}, num_channels={data.num_channels}")
+    if data.random_flip and not flips:
+        raise ValueError(f"random_flip is refused for {name}: a flipped image is not one of its examples "
+                         f"(a flipped digit is not a digit); cifar10 takes it")
+    bad_classes = [c for c in data.classes if not (isinstance(c, int) and 0 <= c < NUM_CLASSES)]
+    if bad_classes:
+        raise ValueError(f"classes must be ints in 0..{NUM_CLASSES - 1}, got {tuple(data.classes)}")
+
+
+def get_dataset(name: str) -> Dataset:
+    """The data set called ``name``; a ValueError lists the accepted names."""
+    from sde.data import DATASETS
+
+    if name not in DATASETS:
+        raise ValueError(f"unknown dataset {name!r}; valid: {', '.join(DATASETS)}")
+    return DATASETS[name]
+
+
+def validate_data_config(config: ml_collections.ConfigDict, split: str | None = None) -> None:
+    """Raise a one-line ValueError if ``config.data`` (and ``split``) cannot be loaded."""
+    data = config.data
+    dataset = get_dataset(data.dataset)
+    split = data.split if split is None else split
+    if split not in dataset.splits:
+        raise ValueError(f"unknown {data.dataset} split {split!r}; valid: {', '.join(dataset.splits)}")
+    dataset.check(data)
+
+
+def load_dataset(config: ml_collections.ConfigDict, split: str | None = None) -> tuple[Tensor, Tensor | None]:
+    """The raw ``split`` (default ``config.data.split``) of ``config.data.dataset``.
+
+    Returns (images uint8 [N, C, H, W], labels int64 [N]) for image sets, keeping only
+    ``config.data.classes`` when given, and (points float32 [N, D], None) for point sets.
+    Scaling and augmentation happen in ``BatchStream`` / ``uint8_to_float``.
+    """
+    validate_data_config(config, split)
+    data = config.data
+    split = data.split if split is None else split
+    examples, labels = get_dataset(data.dataset).load(data, split, config.seed)
+    if tuple(data.classes):
+        keep = torch.isin(labels, torch.tensor(tuple(data.classes), dtype=labels.dtype))
+        if not keep.any():
+            raise ValueError(f"no {data.dataset} {split!r} images have classes {tuple(data.classes)}")
+        examples, labels = examples[keep], labels[keep]
+    return examples, labels
+
+
+def sample_shape(config: ml_collections.ConfigDict, count: int) -> tuple[int, ...]:
+    """Shape of ``count`` examples of the configured data, e.g. [count, C, H, W] or [count, 2]."""
+    return (count, *get_dataset(config.data.dataset).example_shape(config.data))
+
+
+def evaluation_subset(images: Tensor, labels: Tensor | None, count: int, seed: int = 0
+                      ) -> tuple[Tensor, Tensor | None]:
+    """``count`` images (all when ``count`` <= 0 or >= N) in a fixed random order.
+
+    Evaluation subsets must not be the first ``count`` rows: files such as ``train5k`` are
+    sorted by class, so its first 100 images are all zeros. The order is a permutation
+    seeded by ``seed`` alone, so every run, rank count and metric sees the same images.
+    """
+    if count <= 0 or count >= len(images):
+        return images, labels
+    order = torch.randperm(len(images), generator=torch.Generator().manual_seed(seed))[:count]
+    return images[order], None if labels is None else labels[order]

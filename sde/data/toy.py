@@ -1,0 +1,117 @@
+"""Toy 2-D data: one Gaussian, a mixture of two, and a spiral, generated from the seed.
+
+The Gaussian sets come with their closed form (``toy_mixture``), so tests can compare a
+learned score with the exact one.
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import ml_collections
+import torch
+
+from sde.data.datasets import Dataset
+from sde.data.seeds import TOY_STREAM, derived_generator
+
+Tensor = torch.Tensor
+
+TOY_NAMES = ("gaussian", "two_gaussians", "spiral")
+#: The toy sets' splits: independent draws of the same distribution.
+TOY_SPLITS = ("train", "test")
+#: Dimension of the toy data points.
+TOY_DIM = 2
+
+#: "gaussian": N(mean, cov), std (0.6, 0.4) and correlation 0.5.
+GAUSSIAN_MEAN = (0.5, -0.25)
+GAUSSIAN_COV = ((0.36, 0.12), (0.12, 0.16))
+#: "two_gaussians": 0.3 N(means[0], covs[0]) + 0.7 N(means[1], covs[1]); unequal weights
+#: and covariances so that a swapped component shows up in any test.
+TWO_GAUSSIANS_WEIGHTS = (0.3, 0.7)
+TWO_GAUSSIANS_MEANS = ((-1.0, -0.5), (1.0, 0.5))
+TWO_GAUSSIANS_COVS = (((0.09, 0.0), (0.0, 0.04)), ((0.04, 0.02), (0.02, 0.09)))
+#: "spiral": radius r = sqrt(w), w ~ U(0, 1) (uniform over the disc's area, so points are
+#: spread evenly along the arm), angle 2 pi SPIRAL_TURNS r, plus N(0, SPIRAL_NOISE_STD^2 I).
+SPIRAL_TURNS = 2.0
+SPIRAL_NOISE_STD = 0.03
+
+
+@dataclass(frozen=True)
+class GaussianMixture:
+    """``sum_k weights[k] N(means[k], covariances[k])`` in float64; K = 1 is one Gaussian.
+
+    The closed form lets tests compare a learned score with the exact one: under an SDE
+    with x_t = alpha x_0 + sigma z the marginal is the mixture with means ``alpha mu_k``
+    and covariances ``alpha^2 Sigma_k + sigma^2 I``.
+    """
+
+    weights: Tensor      # [K]
+    means: Tensor        # [K, D]
+    covariances: Tensor  # [K, D, D]
+
+    def sample(self, num_samples: int, generator: torch.Generator) -> Tensor:
+        """float32 [num_samples, D]: component k ~ weights, then mu_k + chol(Sigma_k) z."""
+        components = torch.multinomial(self.weights, num_samples, replacement=True, generator=generator)
+        normal = torch.randn(num_samples, self.means.shape[1], generator=generator, dtype=torch.float64)
+        cholesky = torch.linalg.cholesky(self.covariances)
+        points = self.means[components] + torch.einsum("nij,nj->ni", cholesky[components], normal)
+        return points.to(torch.float32)
+
+
+def toy_mixture(name: str) -> GaussianMixture:
+    """Closed-form parameters of the toy set ``name`` ("gaussian" or "two_gaussians")."""
+    def as_tensor(values: Sequence) -> Tensor:
+        return torch.tensor(values, dtype=torch.float64)
+
+    if name == "gaussian":
+        return GaussianMixture(as_tensor([1.0]), as_tensor([GAUSSIAN_MEAN]), as_tensor([GAUSSIAN_COV]))
+    if name == "two_gaussians":
+        return GaussianMixture(as_tensor(TWO_GAUSSIANS_WEIGHTS), as_tensor(TWO_GAUSSIANS_MEANS),
+                               as_tensor(TWO_GAUSSIANS_COVS))
+    if name == "spiral":
+        raise ValueError("the toy set 'spiral' has no closed-form density; closed forms exist for "
+                         "'gaussian' and 'two_gaussians'")
+    raise ValueError(f"unknown toy set {name!r}; valid: {', '.join(TOY_NAMES)}")
+
+
+def sample_spiral(num_samples: int, generator: torch.Generator) -> Tensor:
+    """float32 [num_samples, 2] on the noisy spiral documented at ``SPIRAL_TURNS``."""
+    radius = torch.rand(num_samples, generator=generator, dtype=torch.float64).sqrt()
+    angle = 2 * math.pi * SPIRAL_TURNS * radius
+    points = radius[:, None] * torch.stack([angle.cos(), angle.sin()], dim=1)
+    noise = SPIRAL_NOISE_STD * torch.randn(num_samples, 2, generator=generator, dtype=torch.float64)
+    return (points + noise).to(torch.float32)
+
+
+def load_toy(name: str, num_samples: int, seed: int, split: str) -> Tensor:
+    """``num_samples`` float32 points [N, 2] of toy set ``name``; a function of (seed, split)."""
+    if split not in TOY_SPLITS:
+        raise ValueError(f"unknown toy split {split!r}; valid: {', '.join(TOY_SPLITS)}")
+    if num_samples < 1:
+        raise ValueError(f"toy_num_samples must be >= 1, got {num_samples}")
+    if seed < 0:
+        raise ValueError(f"seed must be >= 0, got {seed}")
+    generator = derived_generator(TOY_STREAM, seed, TOY_SPLITS.index(split))
+    if name == "spiral":
+        return sample_spiral(num_samples, generator)
+    return toy_mixture(name).sample(num_samples, generator)
+
+
+def _load(data: ml_collections.ConfigDict, split: str, seed: int) -> tuple[Tensor, None]:
+    return load_toy(data.toy_name, data.toy_num_samples, seed, split), None
+
+
+def _check(data: ml_collections.ConfigDict) -> None:
+    if data.toy_name not in TOY_NAMES:
+        raise ValueError(f"unknown toy set {data.toy_name!r}; valid: {', '.join(TOY_NAMES)}")
+    if data.random_flip:
+        raise ValueError("random_flip applies to images; the toy sets are points")
+    if data.dequantize:
+        raise ValueError("dequantize applies to 8-bit images; the toy sets are already continuous")
+    if tuple(data.classes):
+        raise ValueError(f"classes={tuple(data.classes)} needs labels; the toy sets have none")
+
+
+DATASET = Dataset(name="toy", kind="points", splits=TOY_SPLITS, load=_load,
+                  example_shape=lambda data: (TOY_DIM,), check=_check)

@@ -1,0 +1,49 @@
+"""Generating samples in batches with per-sample seeds: what sample, eval and compare share.
+
+Image k of a run with seed s is drawn from its own generator (s, k) (EDM's per-seed
+generators), so it is the same whatever the batch size or the number of processes.
+"""
+from __future__ import annotations
+
+from typing import Any, Iterator
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from sde import data, samplers
+
+
+def sample_generators(seed: int, first: int, count: int, device: torch.device) -> list[torch.Generator]:
+    """One generator per sample: image k of a run with seed s is drawn from generator (s, k).
+
+    Seeds come from numpy's SeedSequence over the words (s, k), so they are well mixed and
+    image k is the same whatever the batch size (EDM's per-seed generators).
+    """
+    generators = []
+    for index in range(first, first + count):
+        words = np.random.SeedSequence([seed, index]).generate_state(2, dtype=np.uint32)
+        generator = torch.Generator(device=device)
+        generator.manual_seed(int(words[0]) << 32 | int(words[1]))
+        generators.append(generator)
+    return generators
+
+
+def generate(config, model, sde, device: torch.device, *, num_samples: int, seed: int,
+             method: str, steps: int, options: dict[str, Any], shard: tuple[int, int] = (0, 1),
+             progress: bool = True) -> Iterator[tuple[int, torch.Tensor, dict[str, Any]]]:
+    """Yield (first_index, samples, info) batch by batch, in batches of
+    ``config.sampling.batch_size``; image k uses generator (seed, k).
+
+    With ``shard=(rank, world)`` this process produces only the batches with
+    ``batch_index % world == rank``, so the union over ranks is the single-process set.
+    """
+    batch_size = config.sampling.batch_size
+    starts = list(range(0, num_samples, batch_size))[shard[0]::shard[1]]
+    for first in tqdm(starts, desc=f"{method} x{steps}", disable=not progress, dynamic_ncols=True):
+        count = min(batch_size, num_samples - first)
+        generators = sample_generators(seed, first, count, device)
+        with torch.no_grad():
+            x, info = samplers.sample(method, model, sde, data.sample_shape(config, count),
+                                      steps=steps, generator=generators, disable=True, **options)
+        yield first, x, info

@@ -1,0 +1,111 @@
+"""Sample quality: FID, KID and classifier metrics of streamed samples, and the reference
+statistics of the training images they are compared with (shared by eval and compare).
+
+Samples go batch by batch through Inception (and the data set's classifier, if it has one)
+into running statistics, so memory does not grow with the sample count. Under ``torchrun``
+every rank takes its share of the batches and the statistics are summed with collectives
+(``sde.distributed``), so the numbers do not depend on the number of processes.
+"""
+from __future__ import annotations
+
+import hashlib
+import math
+import time
+from typing import Any
+
+import numpy as np
+import torch
+
+from sde import data, distributed, samplers
+from sde.generation import generate
+from sde.workdir import Workdir
+
+#: Samples kept for a grid picture.
+GRID_IMAGES = 100
+
+
+def classifier_metrics_for(config, device: torch.device):
+    """Running classifier metrics for the configured data set's classifier (None if it has none)."""
+    name = data.get_dataset(config.data.dataset).classifier
+    if name is None:
+        return None
+    from evaluation import ClassifierMetrics, load_classifier
+
+    return ClassifierMetrics(load_classifier(name=name, device=device), device=device)
+
+
+def inception_for(config, device: torch.device):
+    """The Inception-v3 feature extractor of FID, as ``config.eval`` points to it."""
+    from evaluation import InceptionFeatures
+
+    return InceptionFeatures(config.eval.inception_path or None, device=device,
+                             batch_size=config.eval.batch_size)
+
+
+def _uint8_batches(images_uint8: torch.Tensor, batch_size: int):
+    for start in range(0, len(images_uint8), batch_size):
+        yield images_uint8[start:start + batch_size]
+
+
+def reference_features(config, run: Workdir, inception, *, shard: tuple[int, int] = (0, 1)):
+    """Inception statistics of the training split, cached in ``workdir/eval``.
+
+    The cache key holds dataset, split, count and a digest of the pixels, so a split that
+    fell back to another set of images (offline MNIST) never reuses a wrong cache. With
+    ``shard=(rank, world)`` the ranks compute a missing cache together; rank 0 writes it.
+    """
+    from evaluation import reference_stats
+
+    reference, _ = data.evaluation_subset(*data.load_dataset(config),
+                                          config.eval.reference_num_images, seed=config.seed)
+    digest = hashlib.sha1(reference.numpy().tobytes()).hexdigest()[:10]
+    return reference_stats(run.eval, dataset=config.data.dataset,
+                           split=f"{config.data.split}-{digest}", count=len(reference),
+                           images=lambda: _uint8_batches(reference, config.eval.batch_size),
+                           extractor=inception, shard=shard, sum_arrays=distributed.all_reduce_arrays,
+                           write_cache=shard[0] == 0)
+
+
+def sample_quality(config, model, sde, device, *, method: str, steps: int, options: dict,
+                   num_samples: int, inception, reference, classifier=None,
+                   progress: bool = True, shard: tuple[int, int] = (0, 1)) -> tuple[dict[str, Any], np.ndarray]:
+    """FID/KID (and classifier metrics on MNIST) of ``num_samples`` streamed samples.
+
+    Samples go batch by batch through Inception (and the classifier) into running
+    statistics; only the first ``GRID_IMAGES`` are kept, for a grid. With
+    ``shard=(rank, world)`` this process does batches rank, rank + world, ...; every rank
+    returns the metrics of all samples. Returns (metrics, grid images).
+    """
+    from evaluation import compare_feature_sets
+    from evaluation.fid import FeatureAccumulator
+
+    features = FeatureAccumulator(num_samples, reference.stats.dim)
+    grid = torch.zeros(data.sample_shape(config, min(GRID_IMAGES, num_samples)), dtype=torch.uint8)
+    batch_size = config.sampling.batch_size
+    batch_nfe = torch.zeros(math.ceil(num_samples / batch_size), dtype=torch.int64)
+    start = time.perf_counter()
+    sampling_time = 0.0
+    batch_start = time.perf_counter()
+    for first, x, info in generate(config, model, sde, device, num_samples=num_samples,
+                                   seed=config.sampling.seed, method=method, steps=steps,
+                                   options=options, shard=shard, progress=progress):
+        sampling_time += time.perf_counter() - batch_start
+        batch_nfe[first // batch_size] = info["nfe"]
+        batch = data.float_to_uint8(x.float().cpu(), dequantized=config.data.dequantize)
+        features.update(inception(batch), first)
+        if classifier is not None:
+            classifier.update(batch)
+        grid[first:first + len(batch)] = batch[:max(len(grid) - first, 0)]
+        batch_start = time.perf_counter()
+    features.load_arrays(distributed.all_reduce_arrays(features.to_arrays()))
+    if classifier is not None:
+        classifier.load_arrays(distributed.all_reduce_arrays(classifier.to_arrays()))
+    metrics = {"sampler": method, "steps": steps, "options": options,
+               "resolved_options": samplers.reported_options(method, sde, options),
+               "nfe": int(distributed.sum_over_ranks(batch_nfe)[-1]),  # the last batch's, as sampled
+               "num_samples": num_samples, "processes": shard[1], "sampling_time_s": sampling_time,
+               "wall_time_s": time.perf_counter() - start}
+    metrics.update(compare_feature_sets(features.feature_set(), reference, seed=config.sampling.seed))
+    if classifier is not None:
+        metrics["classifier"] = classifier.result()
+    return metrics, distributed.sum_over_ranks(grid).numpy()

@@ -1,0 +1,120 @@
+"""The Python API: ``sde.load`` rebuilds the shipped models from their files alone, and its
+samples and likelihoods are those of the command line's code at the same settings."""
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import sde
+from configs import mnist_vp_release, mnist_vp_release_lw
+from sde import likelihood, samplers
+from sde.generation import sample_generators
+
+ROOT = Path(__file__).resolve().parents[1]
+RELEASES = [("release/mnist_vp_release.safetensors", mnist_vp_release),
+            ("release/mnist_vp_release_lw.safetensors", mnist_vp_release_lw)]
+
+
+@pytest.fixture(scope="module")
+def release():
+    return sde.load(ROOT / RELEASES[0][0])
+
+
+@pytest.mark.parametrize("path, module", RELEASES, ids=["release", "release_lw"])
+def test_shipped_weights_load_from_the_file_alone(path, module):
+    pipe = sde.load(ROOT / path)
+    expected = module.get_config()
+    assert pipe.step == expected.training.n_iters
+    for group in ("sde", "model", "data", "training"):
+        for key, value in expected[group].items():
+            if key in ("init_weights", "data_dir"):
+                continue
+            stored = pipe.config[group][key]
+            assert (list(stored) if isinstance(stored, tuple) else stored) == \
+                (list(value) if isinstance(value, tuple) else value), f"{group}.{key}"
+    assert isinstance(pipe.sde, sde.VPSDE) and pipe.shape == (1, 28, 28)
+    assert not pipe.model.training and pipe.device == torch.device("cpu")
+    # the metadata names nothing outside the repository
+    assert pipe.config.data.data_dir == "data" and not Path(pipe.config.data.data_dir).is_absolute()
+
+
+def test_samples_are_the_samplers_with_per_sample_seeds(release):
+    x, info = release.sample(3, method="ddim", steps=3, seed=7)
+    expected, _ = samplers.sample("ddim", release.model, release.sde, (3, 1, 28, 28), steps=3,
+                                  generator=sample_generators(7, 0, 3, release.device))
+    assert info["nfe"] == 3 and torch.equal(x, expected)
+    # sample k is drawn from generator (seed, k) whatever the batches (up to the network's
+    # float32 arithmetic, which depends on the batch size)
+    in_batches_of_two, _ = release.sample(3, method="ddim", steps=3, seed=7, batch_size=2)
+    torch.testing.assert_close(in_batches_of_two, x, rtol=0, atol=1e-3)
+    images = release.to_uint8(x)
+    assert images.dtype == torch.uint8 and images.shape == (3, 1, 28, 28)
+
+
+def test_sample_defaults_to_the_configs_sampler(release):
+    _, info = release.sample(1, steps=2)
+    assert info["sampler"] == release.config.sampling.method == "ancestral"
+
+
+@pytest.mark.slow
+def test_bits_per_dim_of_held_out_digits_is_the_likelihood_modules(release):
+    images, _ = release.dataset("train5k")
+    batch = images[::1000][:2]
+    options = dict(rtol=1e-3, atol=1e-3, generator=torch.Generator().manual_seed(0))
+    mean, standard_error, info = release.bits_per_dim(batch, **options)
+    options["generator"] = torch.Generator().manual_seed(0)
+    direct, _, _ = likelihood.bits_per_dim(release.model, release.sde, batch, **options)
+    assert mean == direct
+    # a trained MNIST model: well below 8 bits (uniform noise) and above 0 (a bound on -log2 P)
+    assert 0.5 < mean < 3.0 and info["per_image"].shape == (2, 1)
+
+
+def test_a_run_directory_and_its_checkpoints_load(tiny_run):
+    config, workdir = tiny_run
+    from_run = sde.load(workdir)
+    from_checkpoint = sde.load(Path(workdir) / "checkpoints" / "checkpoint_6.pt")
+    assert from_run.step == from_checkpoint.step == config.training.n_iters
+    for a, b in zip(from_run.model.parameters(), from_checkpoint.model.parameters()):
+        assert torch.equal(a, b)
+    assert from_run.config.model.nf == config.model.nf
+
+
+def test_load_refuses_what_it_cannot_use(tmp_path):
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        sde.load(tmp_path / "missing.safetensors")
+    (tmp_path / "weights.pt").write_bytes(b"")
+    with pytest.raises(FileNotFoundError, match="config.json not found"):
+        sde.load(tmp_path / "weights.pt")
+
+
+def test_fid_of_arrays_files_and_folders(tmp_path):
+    """``evaluation.image_fid`` reads arrays, .npz files and PNG folders alike; with a
+    feature extractor of known output its FID is the closed form of two Gaussians' moments."""
+    from PIL import Image
+
+    from evaluation import image_fid, read_images
+
+    generator = np.random.default_rng(0)
+    first = generator.integers(0, 256, (40, 1, 4, 4), dtype=np.uint8)
+    second = generator.integers(0, 256, (30, 1, 4, 4), dtype=np.uint8)
+    np.savez(tmp_path / "first.npz", images=first)
+    folder = tmp_path / "second"
+    folder.mkdir()
+    for index, image in enumerate(second):
+        Image.fromarray(image[0]).save(folder / f"{index:03d}.png")
+    assert torch.equal(read_images(folder), torch.from_numpy(second))
+
+    def pixels(batch):  # features = the 16 pixels as floats
+        return torch.as_tensor(batch).flatten(1).double()
+
+    result = image_fid(tmp_path / "first.npz", folder, extractor=pixels, batch_size=7)
+    a, b = first.reshape(40, -1).astype(np.float64), second.reshape(30, -1).astype(np.float64)
+    from scipy import linalg
+    covariance_a, covariance_b = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
+    root = linalg.sqrtm(covariance_a @ covariance_b).real
+    expected = ((a.mean(0) - b.mean(0)) ** 2).sum() + np.trace(covariance_a + covariance_b - 2 * root)
+    assert result["fid"] == pytest.approx(expected, rel=1e-6)
+    assert result["num_generated"] == 40 and result["num_reference"] == 30
+    with pytest.raises(ValueError, match="uint8"):
+        read_images(first.astype(np.float32))
