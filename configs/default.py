@@ -5,7 +5,7 @@ Every key is read by the toolkit (``tests/test_configs.py`` checks that no key i
 import ml_collections
 from ml_collections.config_dict import placeholder
 
-from sde import samplers
+from sde.samplers import config_options
 
 
 def get_default_config() -> ml_collections.ConfigDict:
@@ -79,7 +79,7 @@ def get_default_config() -> ml_collections.ConfigDict:
     # Sampler options: unset (None) means the sampler's own default. One key per option of
     # any sampler, typed as the sampler declares it (sde/samplers/spec.py; README, Samplers).
     sampling.options = options = ml_collections.ConfigDict()
-    for name, option in sorted(samplers.config_options().items()):
+    for name, option in sorted(config_options().items()):
         options[name] = placeholder(option.type)
     sampling.save_trajectory = False
 

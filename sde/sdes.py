@@ -16,8 +16,9 @@ base class turns them into the contract every loss, sampler and likelihood uses:
 inverse ``t_from_log_snr``, and the discrete grid of ``N`` steps (step ``i`` of ``N`` is
 the time ``t_i = T * i / N``).
 
-The model contract (see DESIGN.md): the network predicts the noise ``eps``; the score is
-``-eps / sigma(t)`` and the denoised estimate ``(x - sigma(t) eps) / alpha(t)``.
+The model contract (``sde.network``; docs/design.md): the network predicts the noise
+``eps``; the score is ``-eps / sigma(t)`` and the denoised estimate
+``(x - sigma(t) eps) / alpha(t)``.
 """
 from __future__ import annotations
 
@@ -345,18 +346,30 @@ class VESDE(SDE):
         return f"VESDE(sigma_min={self.sigma_min}, sigma_max={self.sigma_max}, N={self.N})"
 
 
-SDES = {"vp": VPSDE, "subvp": SubVPSDE, "ve": VESDE}
+def _vp(config) -> VPSDE:
+    cfg = config.sde
+    return VPSDE(cfg.beta_min, cfg.beta_max, cfg.num_scales, schedule=cfg.schedule)
+
+
+def _subvp(config) -> SubVPSDE:
+    cfg = config.sde
+    if cfg.schedule != "linear":
+        raise ValueError(f"sde.schedule={cfg.schedule!r} is not defined for subvp; accepted: 'linear'")
+    return SubVPSDE(cfg.beta_min, cfg.beta_max, cfg.num_scales)
+
+
+def _ve(config) -> VESDE:
+    cfg = config.sde
+    return VESDE(cfg.sigma_min, cfg.sigma_max, cfg.num_scales)
+
+
+#: ``config.sde.name`` -> a builder reading the config's ``sde`` section.
+SDES = {"vp": _vp, "subvp": _subvp, "ve": _ve}
 
 
 def create_sde(config) -> SDE:
-    """Build the SDE named by ``config.sde.name`` from the config's ``sde`` section."""
-    cfg = config.sde
-    if cfg.name not in SDES:
-        raise ValueError(f"unknown sde.name {cfg.name!r}; accepted: {', '.join(SDES)}")
-    if cfg.name == "vp":
-        return VPSDE(cfg.beta_min, cfg.beta_max, cfg.num_scales, schedule=cfg.schedule)
-    if cfg.name == "subvp":
-        if cfg.schedule != "linear":
-            raise ValueError(f"sde.schedule={cfg.schedule!r} is not defined for subvp; accepted: 'linear'")
-        return SubVPSDE(cfg.beta_min, cfg.beta_max, cfg.num_scales)
-    return VESDE(cfg.sigma_min, cfg.sigma_max, cfg.num_scales)
+    """Build the SDE named by ``config.sde.name`` (``SDES``)."""
+    name = config.sde.name
+    if name not in SDES:
+        raise ValueError(f"unknown sde.name {name!r}; accepted: {', '.join(SDES)}")
+    return SDES[name](config)

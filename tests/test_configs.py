@@ -208,3 +208,12 @@ def test_released_weights_load_with_their_config(module, weights):
     relative_error = ((model(x, t) - x).norm() / x.norm()).item()
     alpha_T = sde.alpha(torch.tensor(sde.T, dtype=torch.float64)).item()
     assert relative_error < 5 * alpha_T, (relative_error, alpha_T)
+
+
+def test_each_sampler_is_described_from_its_spec():
+    for name in samplers.available():
+        spec = samplers.SAMPLERS[name]
+        text = samplers.describe(name)
+        assert text.startswith(f"{name}: {spec.reference}") and f"default schedule {spec.schedule}" in text
+        for key, option in spec.all_options.items():
+            assert f"  {key} (" in text and option.help in text

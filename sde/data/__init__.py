@@ -10,8 +10,8 @@ The modules of this package, along their seams:
 * ``files``: MD5 checks and downloads; ``seeds``: the seeds of the random streams;
 * ``stream``: ``BatchStream``, the seeded, resumable, shardable training batches.
 
-Every module of the package is imported here, and each ``DATASET`` they define is
-registered in ``DATASETS`` under its name: a new data set is one new module.
+Every module of the package is imported here, so each data set module registers its
+``DATASET`` in ``DATASETS``: a new data set is one new module.
 """
 import importlib
 import pkgutil
@@ -19,8 +19,8 @@ import pkgutil
 from sde.data.cifar10 import (CIFAR10_ARCHIVE, CIFAR10_DIR, CIFAR10_IMAGE_SIZE, CIFAR10_MD5,
                               CIFAR10_NUM_CHANNELS, CIFAR10_SPLIT_FILES, CIFAR10_URL, load_cifar10,
                               read_cifar10_batch)
-from sde.data.datasets import (KINDS, NUM_CLASSES, Dataset, evaluation_subset, get_dataset, load_dataset,
-                               sample_shape, validate_data_config)
+from sde.data.datasets import (DATASETS, KINDS, NUM_CLASSES, Dataset, evaluation_subset, get_dataset,
+                               load_dataset, register, sample_shape, validate_data_config)
 from sde.data.files import DOWNLOAD_TIMEOUT_S, Fetch, fetch_url, file_md5
 from sde.data.mnist import (IDX_IMAGES_MAGIC, IDX_LABELS_MAGIC, IDX_UBYTE_TYPE_CODE, MNIST_DOWNLOADABLE_SPLITS,
                             MNIST_EMBEDDED_SPLIT, MNIST_EMBEDDED_SPLITS, MNIST_IMAGE_SIZE, MNIST_MD5,
@@ -34,21 +34,8 @@ from sde.data.toy import (GAUSSIAN_COV, GAUSSIAN_MEAN, SPIRAL_NOISE_STD, SPIRAL_
                           load_toy, sample_spiral, toy_mixture)
 
 
-def _discover() -> dict[str, Dataset]:
-    """Every ``DATASET`` defined by a module of this package, by name, in module order."""
-    found = {}
-    for module_info in sorted(pkgutil.iter_modules(__path__), key=lambda info: info.name):
-        module = importlib.import_module(f"{__name__}.{module_info.name}")
-        dataset = getattr(module, "DATASET", None)
-        if isinstance(dataset, Dataset):
-            if dataset.name in found:
-                raise ValueError(f"two data set modules define {dataset.name!r}")
-            found[dataset.name] = dataset
-    return found
-
-
-#: name -> ``Dataset``: the values ``config.data.dataset`` accepts.
-DATASETS: dict[str, Dataset] = _discover()
+for _module in pkgutil.iter_modules(__path__):  # every data set module registers itself
+    importlib.import_module(f"{__name__}.{_module.name}")
 
 __all__ = [
     "BatchStream", "CIFAR10_ARCHIVE", "CIFAR10_DIR", "CIFAR10_IMAGE_SIZE", "CIFAR10_MD5",
@@ -60,6 +47,6 @@ __all__ = [
     "NUM_PIXEL_LEVELS", "SPIRAL_NOISE_STD", "SPIRAL_TURNS", "TOY_DIM", "TOY_NAMES", "TWO_GAUSSIANS_COVS",
     "TWO_GAUSSIANS_MEANS", "TWO_GAUSSIANS_WEIGHTS", "create_batch_stream", "evaluation_subset",
     "fetch_url", "file_md5", "float_to_uint8", "get_dataset", "load_cifar10", "load_dataset", "load_mnist",
-    "load_toy", "read_cifar10_batch", "read_idx", "sample_shape", "sample_spiral", "toy_mixture",
+    "load_toy", "read_cifar10_batch", "read_idx", "register", "sample_shape", "sample_spiral", "toy_mixture",
     "training_view", "uint8_to_float", "validate_data_config",
 ]

@@ -16,7 +16,7 @@ import ml_collections
 import numpy as np
 import torch
 
-from sde.data.datasets import NUM_CLASSES, Dataset, check_image_config
+from sde.data.datasets import NUM_CLASSES, Dataset, check_image_config, register
 from sde.data.files import Fetch, check_md5, download_file, fetch_url, file_md5
 
 Tensor = torch.Tensor
@@ -174,7 +174,7 @@ def _check(data: ml_collections.ConfigDict) -> None:
     check_image_config(data, "cifar10", CIFAR10_IMAGE_SIZE, CIFAR10_NUM_CHANNELS, flips=True)
 
 
-DATASET = Dataset(
+DATASET = register(Dataset(
     name="cifar10", kind="image", splits=tuple(CIFAR10_SPLIT_FILES), load=_load,
     example_shape=lambda data: (CIFAR10_NUM_CHANNELS, CIFAR10_IMAGE_SIZE, CIFAR10_IMAGE_SIZE),
-    check=_check, num_classes=NUM_CLASSES)
+    check=_check, num_classes=NUM_CLASSES))

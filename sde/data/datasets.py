@@ -1,10 +1,10 @@
 """How a data set describes itself, and the one entry point that loads any of them.
 
-Each data set is a module of this package that defines ``DATASET = Dataset(...)``: its
-name (``config.data.dataset``), what its examples are, its splits, its loader, the checks
-of ``config.data`` it needs and the classifier that judges its samples. ``sde.data``
-imports every module of the package and collects them into ``DATASETS``, so adding a data
-set is one new module (see the README's "Extending").
+Each data set is a module of this package that defines ``DATASET = register(Dataset(...))``:
+its name (``config.data.dataset``), what its examples are, its splits, its loader, the
+checks of ``config.data`` it needs and the classifier that judges its samples. ``sde.data``
+imports every module of the package, so each registers itself in ``DATASETS`` and adding a
+data set is one new module (docs/design.md, "Extending").
 """
 from __future__ import annotations
 
@@ -21,6 +21,8 @@ Tensor = torch.Tensor
 KINDS = ("image", "points")
 #: MNIST digits and CIFAR-10 classes alike.
 NUM_CLASSES = 10
+#: name -> ``Dataset``, in the order the data set modules register.
+DATASETS: dict[str, "Dataset"] = {}
 
 
 @dataclass(frozen=True)
@@ -60,6 +62,14 @@ class Dataset:
         return self.kind == "image"
 
 
+def register(dataset: Dataset) -> Dataset:
+    """Add ``dataset`` to ``DATASETS`` under its name (once); returns it."""
+    if dataset.name in DATASETS and DATASETS[dataset.name] is not dataset:
+        raise ValueError(f"two data set modules define {dataset.name!r}")
+    DATASETS[dataset.name] = dataset
+    return dataset
+
+
 def check_image_config(data: ml_collections.ConfigDict, name: str, image_size: int,
                        num_channels: int, *, flips: bool) -> None:
     """The checks every labelled 8-bit image set shares: its image shape, whether a
@@ -77,8 +87,6 @@ def check_image_config(data: ml_collections.ConfigDict, name: str, image_size: i
 
 def get_dataset(name: str) -> Dataset:
     """The data set called ``name``; a ValueError lists the accepted names."""
-    from sde.data import DATASETS
-
     if name not in DATASETS:
         raise ValueError(f"unknown dataset {name!r}; valid: {', '.join(DATASETS)}")
     return DATASETS[name]

@@ -23,7 +23,7 @@ import ml_collections
 import numpy as np
 import torch
 
-from sde.data.datasets import NUM_CLASSES, Dataset, check_image_config
+from sde.data.datasets import NUM_CLASSES, Dataset, check_image_config, register
 from sde.data.files import Fetch, check_md5, download_file, fetch_url
 
 if TYPE_CHECKING:  # Python >= 3.11 location; annotations only
@@ -173,7 +173,7 @@ def _check(data: ml_collections.ConfigDict) -> None:
     check_image_config(data, "mnist", MNIST_IMAGE_SIZE, MNIST_NUM_CHANNELS, flips=False)
 
 
-DATASET = Dataset(
+DATASET = register(Dataset(
     name="mnist", kind="image", splits=tuple(MNIST_SPLIT_FILES), load=_load,
     example_shape=lambda data: (MNIST_NUM_CHANNELS, MNIST_IMAGE_SIZE, MNIST_IMAGE_SIZE),
-    check=_check, num_classes=NUM_CLASSES, classifier="mnist", preview_split="test")
+    check=_check, num_classes=NUM_CLASSES, classifier="mnist", preview_split="test"))

@@ -25,9 +25,10 @@ class BatchStream:
     of ``world_size`` takes rows ``[r b, (r+1) b)`` of every global batch, ``b =
     batch_size // world_size``. Dequantization noise and flips of a global batch come
     from a generator seeded by (seed, epoch, position); every rank draws them for the
-    whole global batch (one batch of uint8 images: cheap) and keeps its rows, so the ranks' batches concatenated in rank order equal the
-    single-process batch bit for bit, and a stream restored from ``state_dict()`` repeats
-    exactly what the original would have produced.
+    whole global batch (one batch of uint8 images: cheap) and keeps its rows, so the ranks'
+    batches concatenated in rank order equal the single-process batch bit for bit, and a
+    stream restored from ``state_dict()`` repeats exactly what the original would have
+    produced.
 
     Yields float32 batches (uint8 images scaled by ``uint8_to_float``; float data as is),
     or (batch, labels) pairs when ``labels`` is given.

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import ml_collections
 import torch
 
-from sde.data.datasets import Dataset
+from sde.data.datasets import Dataset, register
 from sde.data.seeds import TOY_STREAM, derived_generator
 
 Tensor = torch.Tensor
@@ -113,5 +113,5 @@ def _check(data: ml_collections.ConfigDict) -> None:
         raise ValueError(f"classes={tuple(data.classes)} needs labels; the toy sets have none")
 
 
-DATASET = Dataset(name="toy", kind="points", splits=TOY_SPLITS, load=_load,
-                  example_shape=lambda data: (TOY_DIM,), check=_check)
+DATASET = register(Dataset(name="toy", kind="points", splits=TOY_SPLITS, load=_load,
+                           example_shape=lambda data: (TOY_DIM,), check=_check))

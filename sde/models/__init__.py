@@ -100,5 +100,5 @@ def count_parameters(module: nn.Module) -> int:
     return sum(parameter.numel() for parameter in module.parameters())
 
 
-__all__ = ["MODELS", "ModelSpec", "check_model_config", "EMBEDDING_TYPES", "TimeEmbedding", "ToyMLP", "UNet", "count_parameters",
-           "create_model"]
+__all__ = ["EMBEDDING_TYPES", "MODELS", "ModelSpec", "TimeEmbedding", "ToyMLP", "UNet", "check_model_config",
+           "count_parameters", "create_model"]

@@ -79,10 +79,9 @@ class GroupNorm32(nn.GroupNorm):
 
     The statistics of a bf16/fp16 activation are better taken in float32 (guided-diffusion's
     ``GroupNorm32`` does the same for fp16), and on CPU it is also far faster: PyTorch's
-    channels-last GroupNorm kernel runs bf16 about 8x slower than float32 (forward and
-    backward of [32, 64, 28, 28], one thread: 192 ms against 23 ms), which made bf16
-    autocast training of this U-Net slower than float32. A float64 network (the likelihood
-    benchmark's reference) normalizes in float64.
+    channels-last GroupNorm kernel is much slower in bf16 than in float32, slow enough to make
+    bf16 autocast training of this U-Net slower than float32. A float64 network (the
+    likelihood benchmark's reference) normalizes in float64.
     """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -103,18 +102,16 @@ DROPOUT_MASK_BITS = 15
 
 
 class Dropout(nn.Dropout):
-    """Inverted dropout (Srivastava et al. 2014) with a CPU mask 5x cheaper than PyTorch's.
+    """Inverted dropout (Srivastava et al. 2014) with a cheaper CPU mask than PyTorch's.
 
     On CPU ``F.dropout`` draws every element through ``bernoulli_``, one Mersenne-Twister
-    draw and a float comparison per element: in this U-Net's bf16 training step at batch 128
-    its 11 dropouts took 13 % of the time (profiled; ``random_`` below takes a fifth of it),
-    and this layer makes the whole step 1.18x faster in bf16, 1.11x in float32 (2 threads,
-    interleaved A/B on the same weights and batch). Here one 64-bit draw gives the
+    draw and a float comparison per element, a visible share of this U-Net's CPU training
+    step (BENCHMARKS.md, training throughput). Here one 64-bit draw gives the
     mask of four elements: the low ``DROPOUT_MASK_BITS`` bits of each 16-bit quarter are
     uniform on [0, 2^15) and an element is dropped when they fall below round(p 2^15). Kept
     elements are scaled by 1 / (1 - p') for the realised rate p', so E[output] = input exactly
     (the scale is applied in a second multiplication, in the input's precision: folding it
-    into a bf16 mask would round 1 / 0.9 to 1.109 and bias the output by -0.16 %). In eval
+    into a bf16 mask would round 1 / 0.9 to 1.109 and bias the output by about -0.2 %). In eval
     mode, at p = 0, and on other devices (CUDA's dropout is a fused Philox kernel) this is
     ``nn.Dropout``.
     """
@@ -181,9 +178,8 @@ def attention(query: Tensor, key: Tensor, value: Tensor) -> Tensor:
     """``softmax(q k^T / sqrt(d)) v`` over the last two dims (Vaswani et al. 2017 eq. 1).
 
     PyTorch's fused ``scaled_dot_product_attention``, except when gradients flow on CPU: there
-    its flash-attention backward is slower than the explicit product, 4.6x in bf16 ([128, 1,
-    49, 64], this U-Net's 7x7 attention at batch 128, one thread, forward and backward: 55 ms
-    against 12 ms) and 1.2x in float32. The explicit form holds the [HW, HW] weights, which
+    its flash-attention backward is slower than the explicit product, by far in bf16 at this
+    U-Net's 7x7 attention. The explicit form holds the [HW, HW] weights, which
     at the resolutions a CPU trains is small (7x7: 49^2 per image and head).
     """
     if query.device.type == "cpu" and torch.is_grad_enabled() and query.requires_grad:

@@ -1,8 +1,10 @@
 """``--mode compare``: samplers side by side on one network, same seeds, same sample count.
 
 ``compare.runs`` lists entries ``"method:steps"`` or ``"method:steps:key=value,key=value"``
-(sampler options, e.g. ``"ddim:50:eta=1.0"``, ``"ode:2:method=dopri5"``). Each produces ``compare.num_samples`` images with the same per-sample
-seeds; for each: NFE, wall time, FID, KID and (MNIST) classifier metrics. Writes
+(sampler options, e.g. ``"ddim:50:eta=1.0"``, ``"ode:2:method=dopri5"``, each value read
+through the option's type: ``samplers.parse_run``). Each produces ``compare.num_samples``
+images with the same per-sample seeds; for each: NFE, wall time, FID, KID and the data
+set's classifier metrics. Writes
 ``workdir/compare/results.{json,csv,md}``, ``fid_vs_nfe.png`` and a grid per run. Under
 ``torchrun`` the ranks share each run's batches (``sde.run_eval.sample_quality``); the
 metrics do not depend on the number of processes and only rank 0 writes and prints.

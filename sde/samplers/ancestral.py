@@ -24,7 +24,7 @@ import torch
 from tqdm.auto import tqdm
 
 from sde.samplers.common import Callback, Denoiser, NoiseGrid, NoiseSource, report
-from sde.samplers.spec import Option, SamplerSpec, always, first_order_nfe
+from sde.samplers.spec import Option, SamplerSpec, register, always, first_order_nfe
 
 Tensor = torch.Tensor
 
@@ -64,9 +64,9 @@ def ancestral(model: Denoiser, x: Tensor, grid: NoiseGrid, *, sde, noise: NoiseS
     return x
 
 
-SAMPLERS = (SamplerSpec(
+SAMPLERS = register(SamplerSpec(
     name="ancestral", fn=ancestral,
     options={"variance": Option("beta_tilde", str, "the step's noise variance: the posterior's "
                                                    "beta_tilde, or beta (VP only)", choices=VARIANCES)},
     nfe=first_order_nfe, schedule="quadratic", stochastic=always, grid="discrete",
-    check=check_options, reference="Ho et al. 2020, Alg. 2; Nichol & Dhariwal 2021, sec. 4"),)
+    check=check_options, reference="Ho et al. 2020, Alg. 2; Nichol & Dhariwal 2021, sec. 4"))

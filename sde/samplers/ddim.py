@@ -22,7 +22,7 @@ import torch
 from tqdm.auto import tqdm
 
 from sde.samplers.common import Callback, Denoiser, NoiseGrid, NoiseSource, report
-from sde.samplers.spec import DISCRETE, Option, SamplerSpec, first_order_nfe
+from sde.samplers.spec import DISCRETE, Option, SamplerSpec, register, first_order_nfe
 
 Tensor = torch.Tensor
 
@@ -54,7 +54,7 @@ def ddim(model: Denoiser, x: Tensor, grid: NoiseGrid, *, sde, noise: NoiseSource
     return x
 
 
-SAMPLERS = (SamplerSpec(
+SAMPLERS = register(SamplerSpec(
     name="ddim", fn=ddim,
     options={"eta": Option(0.0, float, "noise of the eta-family: 0 deterministic DDIM, 1 the "
                                        "ancestral posterior", valid=lambda eta: 0.0 <= eta <= 1.0,
@@ -62,4 +62,4 @@ SAMPLERS = (SamplerSpec(
              "spacing": Option(None, str, "the DDIM paper's name for the schedule", choices=SPACINGS),
              "discrete": DISCRETE},
     nfe=first_order_nfe, schedule="quadratic", stochastic=lambda options: options["eta"] > 0,
-    grid="option", check=check_options, reference="Song, Meng & Ermon 2021, eq. 12 and 16"),)
+    grid="option", check=check_options, reference="Song, Meng & Ermon 2021, eq. 12 and 16"))

@@ -33,10 +33,9 @@ data (lambda = +inf) is always first order, where it is exactly x0_hat at eps.
 ``lower_order_final`` additionally caps the order at the number of updates left (as
 dpm-solver's ``lower_order_final``), which keeps 3M stable at small step counts.
 
-Default order 2 (2M): on the sharp mixtures of ``bench/sampler_schedules.py`` (log-SNR
-steps, 10-20 NFE) 3M's distance to the data is 5% larger on geometric mean (better at 20
-NFE in 16-D, worse at 10 NFE); without ``lower_order_final`` 3M is 1-8x worse on the other
-schedules.
+Default order 2 (2M): on the sharp mixtures of ``bench/sampler_schedules.py`` at 10-20 NFE
+3M is not better on the whole, and without ``lower_order_final`` it is unstable on some
+schedules (BENCHMARKS.md).
 
 ``dpm_solver_sde`` is the stochastic counterpart (Lu et al. 2022, "DPM-Solver++", App. B,
 SDE-DPM-Solver++; k-diffusion's ``sample_dpmpp_2m_sde``). It solves the family of reverse
@@ -67,7 +66,7 @@ gives
 
 with one of two weights w of the backward difference, both (1 + eta) h / 2 + O(h^2), so on
 the O(h) difference they differ by O(h^3) per step and the method keeps its order; they part
-at the large log-SNR steps of a 10-step grid (eta = 1, h = 1: 0.43 against 0.57):
+at the large log-SNR steps of a 10-step grid:
 
   solver_type="midpoint" (default)  w = c / 2, the weighting of k-diffusion's
       ``sample_dpmpp_2m_sde`` and of diffusers' ``sde-dpmsolver++``, the default of both;
@@ -78,13 +77,10 @@ at the large log-SNR steps of a 10-step grid (eta = 1, h = 1: 0.43 against 0.57)
 For exact x0_hat = x0 the step maps alpha_s x0 + sigma_s z to alpha_t x0 + sigma_t z' for
 every eta: the mean coefficient is e^{-(1 + eta) h} + c = 1 and the variance
 e^{-2 eta h} + (1 - e^{-2 eta h}) = 1. The update to the data (h = +inf) is first order,
-x_t = D0. Checks (tests/test_samplers.py): weak order on Gaussian data (eta = 1) 0.91 for
-order 1, 2.34 for heun and 2.64 for midpoint; both weightings give diffusers 0.42.1's
-sde-dpmsolver++ draws to 1e-7 on its levels with the same noise (kept as reference numbers).
-On the released MNIST model (FID of 1,000 samples, BENCHMARKS.md) midpoint scores 12.32 /
-11.36 / 10.77 at 10 / 20 / 50 NFE against heun's 14.07 / 12.02 / 10.82, hence the default.
-At 10 NFE (heun) eta = 1 is the best of 0.5 / 1 / 2 (14.28 / 14.07 / 15.34), and where the
-grid ends matters most: ``eps=0.02`` instead of 1e-3 gives 11.27 (midpoint 11.24).
+x_t = D0. tests/test_samplers.py checks the weak order on Gaussian data and both weightings
+against diffusers' sde-dpmsolver++ draws on its levels with the same noise. On the released
+MNIST model midpoint has the lower FID at few steps (BENCHMARKS.md, sampler quality), hence
+the default.
 """
 from __future__ import annotations
 
@@ -94,7 +90,7 @@ import torch
 from tqdm.auto import tqdm
 
 from sde.samplers.common import Callback, Denoiser, NoiseGrid, NoiseSource, report
-from sde.samplers.spec import DISCRETE, Option, SamplerSpec, first_order_nfe
+from sde.samplers.spec import DISCRETE, Option, SamplerSpec, register, first_order_nfe
 
 Tensor = torch.Tensor
 
@@ -176,7 +172,7 @@ def dpm_solver_sde(model: Denoiser, x: Tensor, grid: NoiseGrid, *, sde, noise: N
 
 LOWER_ORDER_FINAL = Option(True, bool, "lower the order on the last steps (stabler at few steps)")
 
-SAMPLERS = (
+SAMPLERS = register(
     SamplerSpec(
         name="dpm_solver", fn=dpm_solver,
         options={"order": Option(2, int, "multistep order", choices=ORDERS),

@@ -18,7 +18,7 @@ import torch
 from tqdm.auto import tqdm
 
 from sde.samplers.common import Callback, Denoiser, NoiseGrid, NoiseSource, report
-from sde.samplers.spec import DISCRETE, SamplerSpec
+from sde.samplers.spec import DISCRETE, SamplerSpec, register
 
 Tensor = torch.Tensor
 
@@ -46,5 +46,5 @@ def nfe(steps: int, options: dict) -> int:
     return 2 * (steps - 1) + int(options["denoise"])
 
 
-SAMPLERS = (SamplerSpec(name="heun", fn=heun, options={"discrete": DISCRETE}, nfe=nfe,
-                        schedule="quadratic", grid="option", reference="Karras et al. 2022, Alg. 1"),)
+SAMPLERS = register(SamplerSpec(name="heun", fn=heun, options={"discrete": DISCRETE}, nfe=nfe,
+                        schedule="quadratic", grid="option", reference="Karras et al. 2022, Alg. 1"))

@@ -19,7 +19,7 @@ from torchdiffeq import odeint
 from tqdm.auto import tqdm
 
 from sde.samplers.common import Callback, Denoiser, NoiseGrid, NoiseSource, report
-from sde.samplers.spec import Option, SamplerSpec
+from sde.samplers.spec import Option, SamplerSpec, register
 
 Tensor = torch.Tensor
 
@@ -79,10 +79,10 @@ def _tolerance(help_text: str) -> Option:
     return Option(DEFAULT_TOLERANCE, float, help_text, valid=lambda value: value > 0, accepted="be positive")
 
 
-SAMPLERS = (SamplerSpec(
+SAMPLERS = register(SamplerSpec(
     name="ode", fn=ode,
     options={"method": Option("dopri5", str, "torchdiffeq's adaptive dopri5, or a fixed-step method on "
                                              "the grid", choices=tuple(METHOD_STAGES)),
              "rtol": _tolerance("relative tolerance of dopri5"),
              "atol": _tolerance("absolute tolerance of dopri5")},
-    nfe=nfe, schedule="log_snr", check=check_options, reference="Song et al. 2021, eq. 13"),)
+    nfe=nfe, schedule="log_snr", check=check_options, reference="Song et al. 2021, eq. 13"))

@@ -22,9 +22,7 @@ which still carries noise of scale sigma(eps), one evaluation fewer. Network eva
 """
 from __future__ import annotations
 
-import importlib
 import numbers
-import pkgutil
 from typing import Any, Callable, Sequence
 
 import torch
@@ -32,33 +30,9 @@ import torch
 from sde.network import model_dtype_device
 from sde.samplers.common import Denoiser, Generators, NoiseSource
 from sde.samplers.schedules import build_grid, check_steps, is_explicit, resolve_schedule
-from sde.samplers.spec import GRID_OPTIONS, UNREPORTED, Option, SamplerSpec
+from sde.samplers.spec import GRID_OPTIONS, SAMPLERS, UNREPORTED, Option, SamplerSpec
 
 Tensor = torch.Tensor
-
-#: Sampler modules, in the order ``available()`` lists their samplers.
-MODULE_ORDER = ("ancestral", "ddim", "ode", "sde_solvers", "dpm_solver", "unipc", "heun")
-
-
-def _discover() -> dict[str, SamplerSpec]:
-    """Every ``SamplerSpec`` in the ``SAMPLERS`` tuple of a module of this package: the
-    modules of ``MODULE_ORDER`` first, then any other in name order, so a new sampler is
-    one new module."""
-    package = importlib.import_module("sde.samplers")
-    names = [info.name for info in pkgutil.iter_modules(package.__path__)]
-    found: dict[str, SamplerSpec] = {}
-    for module_name in [*MODULE_ORDER, *sorted(set(names) - set(MODULE_ORDER))]:
-        module = importlib.import_module(f"sde.samplers.{module_name}")
-        for spec in getattr(module, "SAMPLERS", ()):
-            if spec.name in found:
-                raise ValueError(f"two sampler modules define {spec.name!r}")
-            found[spec.name] = spec
-    return found
-
-
-#: name -> ``SamplerSpec`` of every sampler.
-SAMPLERS: dict[str, SamplerSpec] = _discover()
-
 
 def available() -> list[str]:
     """Names of the registered samplers."""
@@ -163,6 +137,22 @@ def config_options() -> dict[str, Option]:
     return found
 
 
+def describe(name: str) -> str:
+    """Sampler ``name`` in a few lines: its reference, NFE rule's value at 10 steps, default
+    schedule, and each option with its type, default, accepted values and meaning."""
+    spec = _spec(name)
+    nfe = spec.nfe(10, spec.defaults())
+    lines = [f"{name}: {spec.reference}", f"  default schedule {spec.schedule}; "
+             f"{'stochastic' if spec.stochastic(spec.defaults()) else 'deterministic'} with its defaults; "
+             f"NFE at 10 steps: {'adaptive' if nfe is None else nfe}"]
+    for key, option in spec.all_options.items():
+        kind = option.type.__name__ if option.type is not None else "Python object"
+        accepted = f"; one of {', '.join(map(str, option.choices))}" if option.choices else (
+            f"; must {option.accepted}" if option.accepted else "")
+        lines.append(f"  {key} ({kind}, default {option.default!r}{accepted}): {option.help}")
+    return "\n".join(lines)
+
+
 def parse_option(name: str, key: str, text: str) -> Any:
     """The value of ``key=text`` for sampler ``name``, read through the option's type."""
     _defaults(name, {key: None})  # an unknown key raises, naming the accepted ones
@@ -193,7 +183,7 @@ def sample(name: str, model: Callable[[Tensor, Tensor], Tensor], sde, shape: Seq
 
     Args:
       name: one of ``available()``.
-      model: ``model(x, t) -> eps`` (DESIGN.md contract); called in its parameters' dtype.
+      model: ``model(x, t) -> eps`` (the contract of ``sde.network``); called in its parameters' dtype.
       sde: an ``sde.sdes.SDE``.
       shape: [B, ...] of the samples.
       steps: noise levels of the grid (see the module docstring for NFE per sampler).

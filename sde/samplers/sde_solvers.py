@@ -25,10 +25,8 @@ x_t = a_ts x_s + G_ts z, a_ts = alpha_t / alpha_s, G_ts^2 = sigma_t^2 - a_ts^2 s
   "reverse_diffusion": x_s = x_t - f_ts(x_t) + G_ts^2 score + G_ts z with f_ts(x) = (a_ts - 1) x,
       their eq. 47 (the reverse of the forward discretization, eq. 46). Its (2 - a_ts) x is
       the first-order expansion of x / a_ts: right to O(h^2) per step for the ~1000 steps it
-      was written for, but at 10-50 steps it overshoots the signal (2 - a_ts = 1.33 where
-      1 / a_ts = 1.49 on the first of 25 log-SNR steps on VP) and the samples degrade; on
-      the released MNIST model pc:25 without corrector has FID 198 with it, against 82.7 for
-      euler_maruyama:25 (BENCHMARKS.md).
+      was written for, but at 10-50 steps 2 - a_ts falls well short of 1 / a_ts on the
+      first, large steps, it undershoots the growth of the signal and the samples degrade.
 
 The corrector's signal ratio r is the per-step alpha_i = 1 - beta_i of the reference code for
 VP and 1 for VE; generically r = (alpha(t) / alpha(t - T/N))^2, the squared signal decay
@@ -38,10 +36,10 @@ over one of the SDE's N discrete steps.
 own ||z|| and ||score||, as Algorithms 4-5 are written; image k then depends on its own
 generator only. "batch": the norms averaged over the batch, as in the reference code,
 which ties each image to its batch mates. The per-sample ratio ||z||^2 / ||score||^2 is
-heavy-tailed in low dimension and correlates the step with the state: measured on Gaussian
-data with the exact score (200 corrector steps, snr = 0.16), the stationary variance is
-too large 26-fold in 2-D, by 9% in 64-D and 3% in 784-D, against 2-3% for "batch" in every
-dimension (the unadjusted Langevin bias). Use "batch" for low-dimensional (toy) data.
+heavy-tailed in low dimension and correlates the step with the state: on Gaussian data with
+the exact score the stationary variance of "sample" is far too large in 2-D and close in
+image dimensions, while "batch" keeps only the unadjusted Langevin bias in every dimension.
+Use "batch" for low-dimensional (toy) data.
 """
 from __future__ import annotations
 
@@ -50,7 +48,7 @@ from tqdm.auto import tqdm
 
 from sde.samplers.ancestral import ancestral_step
 from sde.samplers.common import Callback, Denoiser, NoiseGrid, NoiseSource, report
-from sde.samplers.spec import Option, SamplerSpec, always, first_order_nfe
+from sde.samplers.spec import Option, SamplerSpec, register, always, first_order_nfe
 
 Tensor = torch.Tensor
 
@@ -133,7 +131,7 @@ def pc_nfe(steps: int, options: dict) -> int:
     return (steps - 1 + int(options["denoise"])) * (1 + options["n_corrector"])
 
 
-SAMPLERS = (
+SAMPLERS = register(
     SamplerSpec(name="euler_maruyama", fn=euler_maruyama, options={}, nfe=first_order_nfe,
                 schedule="log_snr", stochastic=always, reference="Song et al. 2021, eq. 6"),
     SamplerSpec(

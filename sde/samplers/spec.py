@@ -3,10 +3,11 @@
 A spec holds everything the toolkit knows of a sampler: its function, each option with its
 type, default, accepted values and meaning (``Option``), its network-evaluation count, its
 default schedule, whether it draws noise after x_T, and the checks that involve more than
-one option or the SDE. The registry (``registry.py``) collects the ``SAMPLERS`` tuple of
-every module of this package; the config (``configs/default.py``) builds its
-``sampling.options`` from the same options; ``parse_option`` reads command-line text
-through their types. So options are validated in exactly one place: here.
+one option or the SDE. Each sampler module registers its specs (``register``) in
+``SAMPLERS``, and ``sde.samplers`` imports every module of the package, so a new sampler is
+one new module; the config (``configs/default.py``) builds its ``sampling.options`` from
+the same options and ``Option.parse`` reads command-line text through their types. So
+options are validated in exactly one place: here.
 """
 from __future__ import annotations
 
@@ -168,3 +169,16 @@ class SamplerSpec:
     def defaults(self) -> dict[str, Any]:
         """Every option's default value."""
         return {name: option.default for name, option in self.all_options.items()}
+
+
+#: name -> ``SamplerSpec`` of every registered sampler, in registration order.
+SAMPLERS: dict[str, SamplerSpec] = {}
+
+
+def register(*specs: SamplerSpec) -> tuple[SamplerSpec, ...]:
+    """Add ``specs`` to ``SAMPLERS`` under their names (once each); returns them."""
+    for spec in specs:
+        if spec.name in SAMPLERS and SAMPLERS[spec.name] is not spec:
+            raise ValueError(f"two sampler modules define {spec.name!r}")
+        SAMPLERS[spec.name] = spec
+    return specs

@@ -55,7 +55,7 @@ from tqdm.auto import tqdm
 
 from sde.samplers import dpm_solver
 from sde.samplers.common import Callback, Denoiser, NoiseGrid, NoiseSource, report
-from sde.samplers.spec import DISCRETE, Option, SamplerSpec, first_order_nfe
+from sde.samplers.spec import DISCRETE, Option, SamplerSpec, register, first_order_nfe
 
 Tensor = torch.Tensor
 
@@ -126,7 +126,7 @@ def unipc(model: Denoiser, x: Tensor, grid: NoiseGrid, *, sde, noise: NoiseSourc
     return x
 
 
-SAMPLERS = (SamplerSpec(
+SAMPLERS = register(SamplerSpec(
     name="unipc", fn=unipc,
     options={"order": Option(2, int, "order p of the predictor (the corrector is of order p + 1)",
                              choices=ORDERS),
@@ -135,4 +135,4 @@ SAMPLERS = (SamplerSpec(
              "corrector": Option(True, bool, "apply the UniC corrector (False: UniP alone)"),
              "discrete": DISCRETE},
     nfe=first_order_nfe, schedule="log_snr", grid="option",
-    reference="Zhao et al. 2023, UniPC (UniP-p predictor, UniC-p corrector)"),)
+    reference="Zhao et al. 2023, UniPC (UniP-p predictor, UniC-p corrector)"))
