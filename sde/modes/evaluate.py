@@ -123,7 +123,10 @@ def check(config) -> None:
             likelihood.truncation_time(create_sde(config), evaluation.bpd_truncation, config.data.dequantize)
         except ValueError as error:
             raise ValueError(f"eval.bpd_truncation: {error}") from error
-    data.validate_data_config(config, evaluation.heldout_split)
+    try:
+        data.validate_data_config(config, evaluation.heldout_split)
+    except ValueError as error:
+        raise ValueError(f"eval.heldout_split: {error}") from error
     configuration.check_sampling(config)
 
 

@@ -39,11 +39,9 @@ reference implementation does. ``lower_order_final`` caps the order at the updat
 ``corrector=False`` runs UniP-p alone.
 
 Checks (tests/test_samplers.py): convergence to dopri5's solution on a Gaussian mixture at
-order p + 1 for UniPC-p (slopes 1.98, 3.02, 3.55 for p = 1, 2, 3; local slope 3.85 at 321
-steps); on diffusers' levels with exact Gaussian eps it matches diffusers 0.42.1
-``UniPCMultistepScheduler`` to 2e-6 (its float32) for orders 1-3, bh1 and bh2, and two of
-those runs are kept as reference numbers. Without the corrector, UniP-2 bh2 gives the draws of
-``dpm_solver`` order 2 to float rounding.
+order p + 1 for UniPC-p; agreement with diffusers' ``UniPCMultistepScheduler`` on its levels
+with exact Gaussian eps (reference numbers kept in the test) for orders 1-3, bh1 and bh2;
+without the corrector, UniP-2 bh2 gives the draws of ``dpm_solver`` order 2 to float rounding.
 """
 from __future__ import annotations
 
