@@ -1,7 +1,7 @@
 """Fault injection: SIGKILL at random moments, damaged checkpoints and data files, bad input.
 
-    python bench/fault_injection.py                   # 20 kills: ~6-8 min on 2 busy cores
-    python bench/fault_injection.py --kills 5 --seed 1
+    python -m bench.fault_injection                   # 20 kills: a few minutes on 2 cores
+    python -m bench.fault_injection --kills 2 --bad-inputs 3 --no-write   # a smoke run
 
 Every run is ``python main.py --mode train`` on configs/tiny.py (the MNIST test split,
 offline) in a subprocess with one thread, exactly as a user would start it. Four parts:
@@ -22,12 +22,13 @@ offline) in a subprocess with one thread, exactly as a user would start it. Four
    uninterrupted run, and nothing in the files may run.
 3. Damaged dataset files (image / label file truncated, one bit flipped, emptied, garbage):
    exit code 2 and one line on stderr naming the file.
-4. Bad input: every entry of ``tests/test_faults.py:BAD_INPUTS`` (unknown names, bad
+4. Bad input: every entry of ``sde.testing.BAD_INPUTS`` (unknown names, bad
    sizes and ranges, mismatched data shape or checkpoint architecture, corrupt data,
    unwritable workdir, unknown config keys and sampler options): exit code 2 and one
    line on stderr matching the expected message.
 
-Prints the counts and a markdown table for the README; exits 1 if any fault was mishandled.
+Prints the counts and the table, writes ``bench/results/fault_injection.json``; exits 1 if
+any fault was mishandled.
 """
 from __future__ import annotations
 
@@ -48,14 +49,12 @@ from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "tests"))
-sys.path.insert(0, str(ROOT))
+from bench.common import REPO as ROOT
+from bench.common import add_write_options, format_reading, table, write_result
+from sde import checkpoint
+from sde.testing import BAD_INPUTS, MNIST_DIR, TINY_ARGS, TouchMarker, cli_command
 
-from conftest import MNIST_DIR  # noqa: E402  (tests/conftest.py)
-from test_faults import BAD_INPUTS, TINY_ARGS, TouchMarker, cli_command  # noqa: E402  (tests/test_faults.py)
-
-from sde import checkpoint  # noqa: E402
+NAME, TITLE = "fault_injection", "Fault injection: kills, damaged files, bad input"
 
 N_ITERS, SNAPSHOT_FREQ = 40, 4
 #: The run every fault is injected into (a final grid of one sampler step keeps the end cheap).
@@ -329,21 +328,30 @@ def answer_all(cases: list[tuple[str, list[str], str]], jobs: int, log) -> int:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--kills", type=int, default=20, help="SIGKILLs to inject")
     parser.add_argument("--seed", type=int, default=0, help="seed of the kill moments")
     parser.add_argument("--jobs", type=int, default=2, help="bad-input runs at a time")
+    parser.add_argument("--bad-inputs", type=int, default=0,
+                        help="only the first N entries of BAD_INPUTS (0: all, the protocol)")
+    add_write_options(parser)
     args = parser.parse_args()
+    if args.kills < 0 or args.bad_inputs < 0:
+        parser.error("--kills and --bad-inputs must be >= 0")
     signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     try:
-        return run_all(args)
+        result = run_all(args)
     finally:
         for launch in LIVE:
             launch.kill()
+    if result is None:
+        return 1
+    write_result(args, NAME, TITLE, result, render)
+    return 0 if result["all_handled"] else 1
 
 
-def run_all(args: argparse.Namespace) -> int:
-    """The four parts; prints the report; 0 if every fault was handled as required."""
+def run_all(args: argparse.Namespace) -> dict | None:
+    """The four parts; the counts of faults injected and handled (None if the reference run failed)."""
     rng = random.Random(args.seed)
     started = time.monotonic()
 
@@ -358,7 +366,7 @@ def run_all(args: argparse.Namespace) -> int:
         trained_s = reference_run.wait_until(lambda: reference_run.last_step() >= N_ITERS)
         if reference_run.wait() != 0:
             log(reference_run.stderr[-3000:])
-            return 1
+            return None
         step_s = (trained_s - startup_s) / N_ITERS
         reference = final_state(work / "reference")
         log(f"  start-up {startup_s:.1f} s, {step_s:.2f} s per step")
@@ -370,42 +378,55 @@ def run_all(args: argparse.Namespace) -> int:
         log("3. damaged dataset files")
         data_cases = data_damage_commands(work)
         data_handled = answer_all(data_cases, args.jobs, log)
-        log("4. bad input (tests/test_faults.py:BAD_INPUTS)")
+        log("4. bad input (sde.testing.BAD_INPUTS)")
         bad_cases = []
-        for index, bad in enumerate(BAD_INPUTS):
+        for index, bad in enumerate(BAD_INPUTS[:args.bad_inputs or None]):
             case_dir = work / "bad" / str(index)
             case_dir.mkdir(parents=True)
             bad_cases.append((bad.name, cli_command(bad, case_dir), bad.match))
         bad_handled = answer_all(bad_cases, args.jobs, log)
 
-    log(f"\nruns resumed: {kills.resumed} of {kills.kills} kills; checkpoints lost: {kills.checkpoints_lost}; "
-        f"corrupt checkpoint files after kills: {kills.corrupt_files}; completed runs bit-identical: "
-        f"{kills.episodes_exact} of {kills.episodes}; damaged checkpoints handled: {damage_handled} of "
-        f"{damage_cases}; bad inputs answered with one line and exit code 2: {data_handled + bad_handled} of "
-        f"{len(data_cases) + len(bad_cases)}  ({time.monotonic() - started:.0f} s)\n")
+    result = {"n_iters": N_ITERS, "snapshot_freq": SNAPSHOT_FREQ, "kill_seed": args.seed,
+              "kills": kills.kills, "kills_in_startup": kills.kills_in_startup, "resumed": kills.resumed,
+              "checkpoints_lost": kills.checkpoints_lost, "largest_setback": kills.largest_setback,
+              "corrupt_files": kills.corrupt_files, "episodes": kills.episodes,
+              "episodes_exact": kills.episodes_exact, "damaged_checkpoints": damage_cases,
+              "damaged_checkpoints_handled": damage_handled, "damaged_data_files": len(data_cases),
+              "damaged_data_files_handled": data_handled, "bad_inputs": len(bad_cases),
+              "bad_inputs_handled": bad_handled, "wall_time_s": time.monotonic() - started}
+    result["all_handled"] = (kills.resumed == kills.kills and kills.checkpoints_lost == 0
+                             and kills.corrupt_files == 0 and kills.episodes_exact == kills.episodes
+                             and damage_handled == damage_cases and data_handled == len(data_cases)
+                             and bad_handled == len(bad_cases))
+    return result
+
+
+def render(result: dict) -> str:
     rows = [
-        ("SIGKILL at a random moment, same command rerun", kills.kills,
-         f"{kills.resumed} resumed from the newest checkpoint ({kills.kills_in_startup} killed during start-up)"),
-        (f"checkpoints lost beyond snapshot_freq = {SNAPSHOT_FREQ}", kills.kills,
-         f"{kills.checkpoints_lost} lost (largest setback {kills.largest_setback} steps); "
-         f"{kills.corrupt_files} corrupt files left"),
-        ("killed-and-resumed runs run to the end", kills.episodes,
-         f"{kills.episodes_exact} bit-identical to the uninterrupted run"),
-        ("damaged checkpoints (truncated, garbage, empty, pickled callable, killed write, all)", damage_cases,
-         f"{damage_handled} skipped (with a warning), resumed from the one before, ended bit-identical, "
-         "nothing in the files ran"),
-        ("damaged dataset files (truncated, bit flip, empty, garbage)", len(data_cases),
-         f"{data_handled} answered with one line and exit code 2"),
-        ("bad configs and inputs (tests/test_faults.py)", len(bad_cases),
-         f"{bad_handled} answered with one line and exit code 2"),
+        ("SIGKILL at a random moment, same command rerun", result["kills"],
+         f"{result['resumed']} resumed from the newest checkpoint ({result['kills_in_startup']} killed during "
+         "start-up)"),
+        (f"checkpoints lost beyond snapshot_freq = {result['snapshot_freq']}", result["kills"],
+         f"{result['checkpoints_lost']} lost (largest setback {result['largest_setback']} steps); "
+         f"{result['corrupt_files']} corrupt files left"),
+        ("killed-and-resumed runs run to the end", result["episodes"],
+         f"{result['episodes_exact']} bit-identical to the uninterrupted run"),
+        ("damaged checkpoints (truncated, garbage, empty, pickled callable, killed write, all)",
+         result["damaged_checkpoints"],
+         f"{result['damaged_checkpoints_handled']} skipped with a warning, resumed from the one before, ended "
+         "bit-identical, nothing in the files ran"),
+        ("damaged dataset files (truncated, bit flip, empty, garbage)", result["damaged_data_files"],
+         f"{result['damaged_data_files_handled']} answered with one line and exit code 2"),
+        ("bad configs and inputs (`sde.testing.BAD_INPUTS`)", result["bad_inputs"],
+         f"{result['bad_inputs_handled']} answered with one line and exit code 2"),
     ]
-    log("| fault injected | cases | outcome |\n|---|---:|---|")
-    for fault, cases, outcome in rows:
-        log(f"| {fault} | {cases} | {outcome} |")
-    all_handled = (kills.resumed == kills.kills and kills.checkpoints_lost == 0 and kills.corrupt_files == 0
-                   and kills.episodes_exact == kills.episodes and damage_handled == damage_cases
-                   and data_handled == len(data_cases) and bad_handled == len(bad_cases))
-    return 0 if all_handled else 1
+    intro = (f"`python main.py --mode train` on `configs/tiny.py` ({result['n_iters']} steps, a checkpoint "
+             f"every {result['snapshot_freq']}), one thread per process, kill moments from seed "
+             f"{result['kill_seed']}; {result['wall_time_s']:.0f} s in all.")
+    reading = ("Every injected fault was handled as required." if result["all_handled"] else
+               "Not every fault was handled: see the rows whose outcome falls short of their cases.")
+    return "\n".join([intro, "", table(["fault injected", "cases", "outcome"], [list(r) for r in rows]), "",
+                      format_reading([reading])])
 
 
 if __name__ == "__main__":

@@ -1,7 +1,9 @@
 """How long until bits/dim can be trusted? Probability-flow ODE likelihoods side by side.
 
-    python bench/likelihood_speed.py --workdir runs/mnist_vp              # a trained run
-    python bench/likelihood_speed.py --config configs/mnist_vp.py --train-steps 300
+    python -m bench.likelihood_speed --config configs/mnist_vp_release.py \
+        --checkpoint release/mnist_vp_release.safetensors      # the released model
+    python -m bench.likelihood_speed --workdir runs/mnist_vp   # a trained run
+    python -m bench.likelihood_speed --config configs/mnist_vp.py --train-steps 300 --no-write
 
 On one model, one batch of held-out images, ONE draw of dequantization noise and ONE
 Rademacher probe per image (shared by every method, so the comparison is deterministic):
@@ -16,16 +18,15 @@ It prints, for (b) and (c), wall time (median of ``--rounds`` interleaved runs),
 |bits/dim - reference| (of the batch mean, and the largest per image), the wall-time ratio
 (b)/(c), and a table of error against cost for several tolerances in both integration
 variables ("t" and "log_snr"), from which sde.likelihood's defaults are chosen. Wall times
-drift on shared machines; the ratios are measured side by side in one run.
+drift on shared machines; the ratios are measured side by side in one run. Writes
+``bench/results/likelihood_speed.json``.
 """
 from __future__ import annotations
 
 import argparse
 import copy
-import importlib.util
 import json
 import statistics
-import sys
 import time
 import warnings
 from pathlib import Path
@@ -35,16 +36,16 @@ import numpy as np
 import torch
 from scipy.integrate import solve_ivp
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from bench.common import (add_run_options, apply_threads, format_reading, load_config, model_text, repo_relative,
+                          table, write_result)
+from sde import likelihood
+from sde.data import EmbeddedMNISTWarning, evaluation_subset, load_dataset, uint8_to_float
+from sde.inference import load_ema_model
+from sde.losses import LossConfig, make_loss_fn
+from sde.models import create_model
+from sde.sdes import SDE, broadcast_to, create_sde
 
-from bench.common import add_run_options, append_to_benchmarks, apply_threads, command_line  # noqa: E402
-from sde import likelihood  # noqa: E402
-from sde.data import EmbeddedMNISTWarning, evaluation_subset, load_dataset, uint8_to_float  # noqa: E402
-from sde.inference import load_ema_model  # noqa: E402
-from sde.losses import LossConfig, make_loss_fn  # noqa: E402
-from sde.models import create_model  # noqa: E402
-from sde.sdes import SDE, broadcast_to, create_sde  # noqa: E402
-
+NAME, TITLE = "likelihood_speed", "Likelihood speed (probability-flow ODE bits/dim)"
 Tensor = torch.Tensor
 TABLE_TOLERANCES = (1e-2, 3e-3, 1e-3, 3e-4, 1e-4, 3e-5, 1e-5)
 TABLE_METHODS = ("dopri5", "bosh3")
@@ -53,21 +54,14 @@ TARGET_SPEEDUP, TARGET_ERROR_BPD = 3.0, 0.01
 
 
 # ---- the model --------------------------------------------------------------------------
-def load_workdir_model(workdir: str, device: torch.device) -> tuple[torch.nn.Module, ml_collections.ConfigDict, str]:
+def load_workdir_model(workdir: str, device: torch.device) -> tuple[torch.nn.Module, ml_collections.ConfigDict, dict]:
     """The EMA network of a toolkit run, with the run's own config.json."""
     config_path = Path(workdir) / "config.json"
     if not config_path.is_file():
         raise SystemExit(f"error: {config_path} not found; --workdir must be a toolkit run directory")
     config = ml_collections.ConfigDict(json.loads(config_path.read_text()))
     model, source, step = load_ema_model(config, workdir, device)
-    return model, config, f"{source} (step {step})"
-
-
-def load_config_file(path: str) -> ml_collections.ConfigDict:
-    spec = importlib.util.spec_from_file_location("bench_config", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config()
+    return model, config, {"checkpoint": repo_relative(source), "step": step}
 
 
 def quickly_trained_model(config: ml_collections.ConfigDict, sde: SDE, images: Tensor, steps: int,
@@ -136,13 +130,49 @@ def timed(function, *args, **kwargs):
     return result, time.perf_counter() - start
 
 
+def render(result: dict) -> str:
+    baseline, default = result["baseline"], result["default"]
+    rounds = result["round_ratios"]
+
+    def cells(row: dict) -> list:
+        return [row["nfe"], f"{row['seconds']:.1f}", f"{row['error_mean_bpd']:.1e}", f"{row['error_max_image_bpd']:.1e}"]
+
+    parts = [f"{model_text(result['model'])}; {result['num_images']} {result['split']} images, one "
+             "dequantization draw and one Hutchinson probe per image shared by every method; error against a "
+             f"reference of dopri5 at {result['reference_tol']:g} with a float64 network "
+             f"({result['reference_bpd']:.4f} bits/dim). The first two rows are timed in "
+             f"{result['rounds']} interleaved rounds (medians); the rest is the error against cost of the "
+             "toolkit's solver:", "",
+             table(["method", "NFE", "seconds", "abs error of mean bits/dim", "worst image"],
+                   [[row["method"]] + cells(row) for row in (baseline, default)]
+                   + [[f"{row['method']} in {row['variable']}, rtol = atol = {row['tolerance']:g}"] + cells(row)
+                      for row in result["table"]])]
+    if result.get("note"):
+        parts += ["", result["note"]]
+    reading = [f"The toolkit's default is {result['speedup']:.2f}x faster than score_sde's protocol "
+               f"({default['nfe']} against {baseline['nfe']} NFE"
+               + (f"; per round {min(rounds):.2f}-{max(rounds):.2f}x over {len(rounds)} rounds" if len(rounds) > 1 else "")
+               + f") for an error of {default['error_mean_bpd']:.4f} bits/dim "
+               f"(worst image {default['error_max_image_bpd']:.4f}) against the reference, where the protocol's "
+               f"is {baseline['error_mean_bpd']:.4f}."]
+    if result["table"]:
+        cheapest = min(result["table"], key=lambda row: row["seconds"])
+        reading.append(f"The cheapest setting of the error table, {cheapest['method']} in {cheapest['variable']} "
+                       f"at {cheapest['tolerance']:g} ({cheapest['nfe']} NFE), errs by "
+                       f"{cheapest['error_mean_bpd']:.4f} bits/dim (worst image {cheapest['error_max_image_bpd']:.4f}).")
+    return "\n".join(parts) + "\n\n" + format_reading(reading)
+
+
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--workdir", help="toolkit run directory (config.json + checkpoints/)")
-    source.add_argument("--config", help="configs/*.py: build a fresh network (see --train-steps)")
+    source.add_argument("--config", help="configs/*.py: with --checkpoint its weights, else a fresh "
+                                         "network trained for --train-steps")
+    parser.add_argument("--checkpoint", default="",
+                        help="with --config: .safetensors weights or a checkpoint .pt (EMA) to measure")
     parser.add_argument("--train-steps", type=int, default=300,
-                        help="with --config: Adam steps before measuring (default 300)")
+                        help="with --config and no --checkpoint: Adam steps before measuring (default 300)")
     parser.add_argument("--split", default="train5k", help="held-out split (default train5k)")
     parser.add_argument("--data-dir", default="", help="override config.data.data_dir")
     parser.add_argument("--num-images", type=int, default=8)
@@ -154,27 +184,33 @@ def main() -> None:
                         choices=likelihood.ADAPTIVE_METHODS)
     parser.add_argument("--rounds", type=int, default=3,
                         help="interleaved timing rounds of (b) and (c); their medians are compared")
-    parser.add_argument("--output", default="", help="also write the results as JSON here")
     add_run_options(parser)
     args = parser.parse_args()
     if args.rounds < 1:
         parser.error(f"--rounds must be >= 1, got {args.rounds}")
+    if args.checkpoint and not args.config:
+        parser.error("--checkpoint goes with --config (a --workdir run uses its newest checkpoint)")
+    if args.checkpoint and not Path(args.checkpoint).is_file():
+        parser.error(f"--checkpoint {args.checkpoint} does not exist")
     apply_threads(args)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
     if args.workdir:
         model, config, description = load_workdir_model(args.workdir, device)
     else:
-        config = load_config_file(args.config)
+        config = load_config(args.config)
     if args.data_dir:
         config.data.data_dir = args.data_dir
     config.data.download = False
     sde = create_sde(config)
-    if not args.workdir:
+    if args.checkpoint:
+        model, source, step = load_ema_model(config, "", device, args.checkpoint)
+        description = {"checkpoint": repo_relative(source), "step": step}
+    elif not args.workdir:
         train_images, _ = load_dataset(config, "test" if args.split != "test" else "train")
         print(f"training a fresh {config.model.name} for {args.train_steps} steps ...", flush=True)
         model = quickly_trained_model(config, sde, train_images, args.train_steps, args.seed, device)
-        description = f"{args.config}, quickly trained for {args.train_steps} steps"
+        description = {"checkpoint": f"{repo_relative(args.config)}, quickly trained for {args.train_steps} steps"}
 
     with warnings.catch_warnings():  # never measure "held-out" bits/dim on a fallback split
         warnings.simplefilter("error", EmbeddedMNISTWarning)
@@ -183,7 +219,7 @@ def main() -> None:
     generator = torch.Generator().manual_seed(args.seed)
     x = uint8_to_float(images, dequantize=True, generator=generator).to(device)
     probe = (2.0 * torch.randint(0, 2, x.shape, generator=generator).double() - 1.0).to(device)
-    print(f"model: {description}; sde: {sde!r}; {len(images)} {config.data.dataset} "
+    print(f"model: {description['checkpoint']}; sde: {sde!r}; {len(images)} {config.data.dataset} "
           f"{args.split!r} images, D = {dims}, eps = {args.eps}, device {device}", flush=True)
 
     def to_bpd(logp: Tensor) -> Tensor:
@@ -238,43 +274,24 @@ def main() -> None:
           f"<= {TARGET_ERROR_BPD} bits/dim)", flush=True)
 
     # error against cost
-    lines = ["| solver | variable | rtol = atol | NFE | seconds | abs error of mean bpd | worst image |",
-             "|---|---|---|---|---|---|---|"]
-    print("\n" + "\n".join(lines))
-    table = []
+    rows = []
     for method in args.methods:
         for variable in likelihood.VARIABLES:
             for tolerance in args.tolerances:
                 bpd, nfe, seconds = toolkit(model, method=method, variable=variable, rtol=tolerance,
                                             atol=tolerance)
-                entry = {"method": method, "variable": variable, "tolerance": tolerance, "nfe": nfe,
-                         "seconds": seconds, "error_mean_bpd": abs(bpd.mean() - reference.mean()).item(),
-                         "error_max_image_bpd": (bpd - reference).abs().max().item()}
-                table.append(entry)
-                lines.append(f"| {method} | {variable} | {tolerance:g} | {nfe} | {seconds:.1f} | "
-                             f"{entry['error_mean_bpd']:.1e} | {entry['error_max_image_bpd']:.1e} |")
-                print(lines[-1], flush=True)
+                rows.append({"method": method, "variable": variable, "tolerance": tolerance, "nfe": nfe,
+                             "seconds": seconds, "error_mean_bpd": abs(bpd.mean() - reference.mean()).item(),
+                             "error_max_image_bpd": (bpd - reference).abs().max().item()})
+                print(f"{method} {variable} {tolerance:g}: NFE {nfe}, {seconds:.1f} s, "
+                      f"|d bpd| {rows[-1]['error_mean_bpd']:.1e}", flush=True)
 
-    if not args.no_append:
-        side_by_side = [
-            f"Model: {description}; {len(images)} {args.split} images, one dequantization draw "
-            f"and one Hutchinson probe per image shared by every method; reference: dopri5 at "
-            f"{args.reference_tol:g} with a float64 network, {reference.mean():.4f} bits/dim.", "",
-            "| method | NFE | seconds | abs error of mean bpd | worst image |", "|---|---|---|---|---|"]
-        side_by_side += [f"| {r['method']} | {r['nfe']} | {r['seconds']:.1f} | {r['error_mean_bpd']:.1e} | "
-                         f"{r['error_max_image_bpd']:.1e} |" for r in (baseline, default)]
-        side_by_side += ["", f"Wall-time ratio score_sde protocol / toolkit default (medians of "
-                             f"{args.rounds} interleaved rounds; per round {round_ratios}) = {speedup:.2f}x "
-                             f"(target >= {TARGET_SPEEDUP:g}x within {TARGET_ERROR_BPD} bits/dim: "
-                             f"{'met' if verdict == 'meets' else 'not met'}).", "", "Error against cost:", ""]
-        command = command_line()
-        append_to_benchmarks("Likelihood speed (probability-flow ODE bits/dim)", command,
-                             "\n".join(side_by_side + lines))
-    if args.output:
-        Path(args.output).write_text(json.dumps({
-            "model": description, "sde": repr(sde), "num_images": len(images), "eps": args.eps,
-            "reference_bpd": reference.mean().item(), "reference_spread_bpd": reference_spread,
-            "baseline": baseline, "default": default, "speedup": speedup, "table": table}, indent=2))
+    result = {"model": description, "sde": repr(sde), "split": args.split, "num_images": len(images),
+              "eps": args.eps, "reference_tol": args.reference_tol, "reference_bpd": reference.mean().item(),
+              "reference_spread_bpd": reference_spread, "rounds": args.rounds,
+              "round_ratios": [b / c for b, c in zip(baseline_seconds, default_seconds)],
+              "baseline": baseline, "default": default, "speedup": speedup, "table": rows}
+    write_result(args, NAME, TITLE, result, render)
 
 
 if __name__ == "__main__":

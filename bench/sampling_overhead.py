@@ -1,60 +1,57 @@
 """The cost of each sampler's own bookkeeping: wall time of sampling a batch over the time of
 the same number of bare network evaluations on that batch.
 
-    python bench/sampling_overhead.py --checkpoint release/mnist_vp_release.safetensors
-    python bench/sampling_overhead.py --checkpoint "" --batch-size 20 --rounds 2 --no-append  # quick
+    python -m bench.sampling_overhead --nfe 10 20 --rounds 3 --batch-size 64
+    python -m bench.sampling_overhead --checkpoint "" --batch-size 20 --rounds 2 --no-write  # quick
 
 For every registered sampler (``sde.samplers.available()``; the adaptive ``ode`` by its
-fixed-step methods, and DPM-Solver of order 3, ``bench/sampler_variants.py``) at each
+fixed-step methods, and the variants of ``bench.sampler_variants``) at each
 ``--nfe`` budget (``steps_for_nfe``: the most steps that fit), each round times
 
 * the sampler: ``samplers.sample`` of a ``--batch-size`` batch from per-image generators
-  (as ``sde.run_sample.generate`` draws), the network wrapped to count its evaluations;
+  (as ``sde.generation.generate`` draws), the network wrapped to count its evaluations;
 * the baseline: NFE back-to-back evaluations of the network alone on a batch of the same
   shape, NFE being the counted number,
 
 in alternating order from round to round, under ``torch.inference_mode``. The overhead is
-the median over rounds of sampler time / baseline time (1.00: all the time is the network;
-goal <= 1.05). The counted NFE must equal ``nfe_for_steps`` (the registry's nominal count);
-a mismatch is flagged in the table. The table is appended to BENCHMARKS.md.
+the median over rounds of sampler time / baseline time (1.00: all the time is the network).
+The counted NFE must equal ``nfe_for_steps`` (the registry's nominal count); a mismatch is
+flagged in the table. Writes ``bench/results/sampling_overhead.json``.
 """
 from __future__ import annotations
 
 import argparse
 import statistics
-import sys
 import time
 from pathlib import Path
 
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+from bench.common import (add_run_options, apply_threads, footnotes, format_reading, load_config, model_text,
+                          repo_relative, table, write_result)
+from bench.sampler_variants import sampler_variants, variant_label
+from sde import samplers
+from sde.data import sample_shape
+from sde.generation import sample_generators
+from sde.inference import load_ema_model
+from sde.models import create_model
+from sde.network import CountedModel
+from sde.sdes import create_sde
 
-from bench.common import add_run_options, apply_threads, load_config, publish  # noqa: E402
-from sde.network import CountedModel  # noqa: E402
-from bench.sampler_variants import sampler_variants, variant_label  # noqa: E402
-from sde import samplers  # noqa: E402
-from sde.data import sample_shape  # noqa: E402
-from sde.generation import sample_generators  # noqa: E402
-from sde.inference import load_ema_model  # noqa: E402
-from sde.models import create_model  # noqa: E402
-from sde.sdes import create_sde  # noqa: E402
-
-GOAL_RATIO = 1.05
+NAME, TITLE = "sampling_overhead", "Sampler overhead over bare network evaluations"
 #: The time the baseline evaluations are made at (any t in (0, 1]: the cost does not depend on it).
 BASELINE_TIME = 0.5
 #: Warm-up steps per sampler (code paths, allocator) before the timed rounds.
 WARMUP_STEPS = 2
 
 
-def load_network(config, checkpoint: str) -> tuple[torch.nn.Module, str]:
+def load_network(config, checkpoint: str) -> tuple[torch.nn.Module, dict]:
     """The EMA network of ``checkpoint``, or a randomly initialised one when it is empty."""
     if not checkpoint:
         torch.manual_seed(0)
-        return create_model(config).eval().requires_grad_(False), "randomly initialised network"
+        return create_model(config).eval().requires_grad_(False), {"checkpoint": "randomly initialised network"}
     model, source, step = load_ema_model(config, "", torch.device("cpu"), checkpoint)
-    return model, f"{source} (step {step})"
+    return model, {"checkpoint": repo_relative(source), "step": step}
 
 
 def time_sampler(model, sde, shape, name: str, steps: int, options: dict, seed: int) -> tuple[float, int]:
@@ -115,7 +112,7 @@ def main() -> None:
                              "label": variant_label(name, options),
                              "nominal": samplers.nfe_for_steps(name, steps, **options),
                              "sampler_s": [], "baseline_s": [], "ratio": [], "counted": set()})
-    print(f"{source}; batch {args.batch_size}, {len(plan)} sampler settings, {args.rounds} rounds, "
+    print(f"{source['checkpoint']}; batch {args.batch_size}, {len(plan)} sampler settings, {args.rounds} rounds, "
           f"{torch.get_num_threads()} threads", flush=True)
 
     with torch.inference_mode():
@@ -142,28 +139,72 @@ def main() -> None:
             print(f"round {round_index + 1}/{args.rounds}: worst ratio "
                   f"{max(entry['ratio'][-1] for entry in plan):.3f}", flush=True)
 
-    lines = [f"{source}; batch {args.batch_size}; median of {args.rounds} interleaved rounds.", "",
-             "| sampler | steps | NFE counted (nominal) | sampler ms | NFE x eval ms | eval ms | "
-             "sampler / (NFE x eval) |", "|---|---|---|---|---|---|---|"]
-    mismatches, worst = [], None
+    rows = []
     for entry in plan:
         counted = sorted(entry["counted"])
-        check = "" if counted == [entry["nominal"]] else " MISMATCH"
-        if check:
-            mismatches.append(entry["label"])
-        ratio = statistics.median(entry["ratio"])
-        baseline = statistics.median(entry["baseline_s"])
-        if worst is None or ratio > worst[0]:
-            worst = (ratio, entry)
-        lines.append(f"| {entry['label']} | {entry['steps']} | {'/'.join(map(str, counted))} "
-                     f"({entry['nominal']}){check} | {1e3 * statistics.median(entry['sampler_s']):.0f} | "
-                     f"{1e3 * baseline:.0f} | {1e3 * baseline / counted[-1]:.1f} | {ratio:.3f} |")
-    ratio, entry = worst
-    lines += ["", f"Worst overhead: {entry['label']} at {entry['steps']} steps, {ratio:.3f} "
-                  f"(goal <= {GOAL_RATIO}: {'met' if ratio <= GOAL_RATIO else 'not met'}). "
-                  f"Counted NFE = nominal: {'all' if not mismatches else 'NOT for ' + ', '.join(mismatches)}."]
-    table = "\n".join(lines)
-    publish(args, "Sampler overhead over bare network evaluations", table)
+        rows.append({"label": entry["label"], "name": entry["name"], "options": entry["options"],
+                     "budget": entry["budget"], "steps": entry["steps"], "nfe_counted": counted,
+                     "nfe_nominal": entry["nominal"], "sampler_ms": 1e3 * statistics.median(entry["sampler_s"]),
+                     "baseline_ms": 1e3 * statistics.median(entry["baseline_s"]),
+                     "ratio": statistics.median(entry["ratio"]), "round_ratios": entry["ratio"]})
+    result = {"model": source, "batch_size": args.batch_size, "rounds": args.rounds, "rows": rows}
+    write_result(args, NAME, TITLE, result, render)
+
+
+def _table(rows: list[tuple[dict, str]]) -> str:
+    """sampler / (NFE x one evaluation) per sampler (rows, with the marker of the run they come
+    from) and NFE budget (columns: steps, ratio)."""
+    budgets = sorted({row["budget"] for row, _ in rows})
+    cells: dict[str, dict[int, dict]] = {}
+    for row, marker in rows:
+        cells.setdefault(f"`{row['label']}`{marker}", {})[row["budget"]] = row
+    header = ["sampler"]
+    for budget in budgets:
+        header += [f"{budget} NFE: steps", "ratio"]
+    body = []
+    for label, by_budget in cells.items():
+        line = [label]
+        for budget in budgets:
+            row = by_budget.get(budget)
+            mismatch = "" if row is None or row["nfe_counted"] == [row["nfe_nominal"]] else " (NFE MISMATCH)"
+            line += ["", ""] if row is None else [row["steps"], f"{row['ratio']:.3f}{mismatch}"]
+        body.append(line)
+    return table(header, body)
+
+
+def _describe(result: dict) -> str:
+    model = model_text(result["model"])
+    return (f"{model[:1].upper() + model[1:]}, batch {result['batch_size']}, medians of {result['rounds']} "
+            "interleaved rounds")
+
+
+def render(result: dict) -> str:
+    supplements = result.get("supplements", [])
+    markers, notes = footnotes([{**part, "note": _describe(part)} for part in supplements])
+    marked = [(row, "") for row in result["rows"]] + [(row, marker) for part, marker in zip(supplements, markers)
+                                                      for row in part["rows"]]
+    parts = [_describe(result) + ". Wall time of a sampler over the time of as many bare network evaluations as "
+             "it counted (1.000: all the time is the network)"
+             + ("; a marked row comes from the run of its footnote:" if supplements else ":"), "",
+             _table(marked)]
+    if notes:
+        parts += [""] + notes
+    reading = []
+    for title, part in [("This run", result)] + [(f"Run{marker}", part) for marker, part in zip(markers, supplements)]:
+        ratios = sorted(row["ratio"] for row in part["rows"])
+        worst = max(part["rows"], key=lambda row: row["ratio"])
+        mismatches = [row["label"] for row in part["rows"] if row["nfe_counted"] != [row["nfe_nominal"]]]
+        line = (f"{title}: median ratio {statistics.median(ratios):.3f} over {len(ratios)} settings, from "
+                f"{ratios[0]:.3f} to {ratios[-1]:.3f} (worst `{worst['label']}` at {worst['steps']} steps); "
+                + ("counted NFE = nominal everywhere." if not mismatches
+                   else f"counted NFE differs from nominal for {', '.join(mismatches)}."))
+        spreads = [max(row["round_ratios"]) - min(row["round_ratios"]) for row in part["rows"]
+                   if len(row.get("round_ratios", [])) > 1]
+        if spreads:
+            line += (f" A setting's ratio moved by {statistics.median(spreads):.3f} (median) between rounds: "
+                     "differences below that are noise.")
+        reading.append(line)
+    return "\n".join(parts) + "\n\n" + format_reading(reading)
 
 
 if __name__ == "__main__":

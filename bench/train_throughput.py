@@ -1,14 +1,14 @@
 """Training (fp32, bf16) and sampling throughput of our U-Net against diffusers' matched UNet2DModel.
 
-    python bench/train_throughput.py --config configs/mnist_vp_release.py --rounds 5 --steps 5
-    python bench/train_throughput.py --modes train-fp32 sample-fp32   # skip the slow bf16 rows
+    python -m bench.train_throughput --config configs/mnist_vp_release.py --rounds 7 --steps 4
+    python -m bench.train_throughput --modes train-fp32 sample-fp32   # skip the slow bf16 rows
 
 Runs the real training step (loss of sde/losses.py, backward, gradient clipping, Adam,
 EMA) on random data of the config's shape for two networks: our U-Net of the config, and
-diffusers' UNet2DModel laid out the same way (``bench/peers.matched_unet_kwargs``: the same
+diffusers' UNet2DModel laid out the same way (``bench.peers.matched_unet_kwargs``: the same
 widths, blocks, attention resolutions, single-head attention; both parameter counts are
 printed), trained with the same eps-prediction loss on the same batch through a thin
-wrapper that feeds it our continuous t as the timestep N t / T - 1 (``bench/peers.py``).
+wrapper that feeds it our continuous t as the timestep N t / T - 1 (``bench.peers``).
 Each network runs in both memory layouts: NHWC (channels-last; our default,
 ``model.channels_last``) and NCHW (PyTorch's and diffusers' default; diffusers' docs suggest
 ``unet.to(memory_format=torch.channels_last)``, so it gets that chance too). Each round times,
@@ -18,28 +18,25 @@ in the machine's load hits all alike; the table gives the median images/s of eac
 ratios of ours (default layout) to diffusers in its default layout, and of each network in
 its faster layout (above 1: ours is faster). Below it: the fastest training of ours (any
 precision and layout) against diffusers out of the box (fp32, NCHW), the comparison of the
-issue's 1.5x goal. The whole is appended to BENCHMARKS.md. bf16 is slow on CPUs without
-AVX512-BF16 / AMX for both networks alike (``--modes train-fp32 sample-fp32`` skips it).
+comparison a user sees. Writes ``bench/results/train_throughput.json``. bf16 is slow on CPUs
+without AVX512-BF16 / AMX for both networks alike (``--modes train-fp32 sample-fp32`` skips it).
 """
 from __future__ import annotations
 
 import argparse
 import statistics
-import sys
 import time
-from pathlib import Path
 
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+from bench.common import add_run_options, apply_threads, format_reading, load_config, table, write_result
+from bench.peers import matched_unet, require_diffusers
+from sde.losses import LossConfig, make_loss_fn
+from sde.models import count_parameters, create_model
+from sde.modes.train import EMA, autocast_context
+from sde.sdes import create_sde
 
-from bench.common import load_config, publish  # noqa: E402
-from bench.peers import matched_unet, require_diffusers  # noqa: E402
-from sde.losses import LossConfig, make_loss_fn  # noqa: E402
-from sde.models import count_parameters, create_model  # noqa: E402
-from sde.modes.train import EMA, autocast_context  # noqa: E402
-from sde.sdes import create_sde  # noqa: E402
+NAME, TITLE = "train_throughput", "Training throughput: our U-Net vs diffusers UNet2DModel"
 
 #: What is timed, by the flag that selects it: (row label, training step or not, bf16 autocast).
 MODES = {"train-fp32": ("training, fp32", True, False),
@@ -100,22 +97,57 @@ class Trainee:
         return steps * batch.shape[0] / (time.perf_counter() - start)
 
 
+def _fastest(images_per_s: dict, family: str, mode: str) -> tuple[str, float]:
+    name = max((n for n in images_per_s[mode] if n.startswith(family)), key=lambda n: images_per_s[mode][n])
+    return name, images_per_s[mode][name]
+
+
+def render(result: dict) -> str:
+    rates = result["images_per_s"]
+    networks = result["networks"]
+    labels = {mode: MODES[mode][0] if mode in MODES else mode for mode in rates}
+    rows = []
+    for mode, by_network in rates.items():
+        rows.append([labels[mode]] + [f"{by_network[name]:.1f}" for name in networks]
+                    + [f"{by_network['ours NHWC'] / by_network['diffusers NCHW']:.2f}",
+                       f"{_fastest(rates, 'ours', mode)[1] / _fastest(rates, 'diffusers', mode)[1]:.2f}"])
+    parts = [f"`{result['config']}`: our U-Net {result['parameters']['ours']:,} parameters, diffusers' "
+             f"UNet2DModel laid out the same way {result['parameters']['diffusers']:,}. Batch "
+             f"{result['batch_size']}; images/s, medians of {result['rounds']} interleaved rounds of "
+             f"{result['steps']} steps.", "",
+             table(["images/s"] + networks + ["ours NHWC / diffusers NCHW", "ours best / diffusers best"], rows)]
+    reading = []
+    training = [mode for mode in rates if MODES.get(mode, ("", False))[1]]
+    if "train-fp32" in rates and training:
+        mode, (name, ours) = max(((m, _fastest(rates, "ours", m)) for m in training), key=lambda r: r[1][1])
+        default = rates["train-fp32"]["diffusers NCHW"]
+        reading.append(f"Our fastest training ({name}, {labels[mode]}) runs at {ours:.1f} images/s, "
+                       f"{ours / default:.2f}x diffusers out of the box (NCHW, fp32: {default:.1f}).")
+        equal = ", ".join(f"{labels[m]} {_fastest(rates, 'ours', m)[1] / _fastest(rates, 'diffusers', m)[1]:.2f}x"
+                          for m in training)
+        reading.append(f"At equal precision, each network in its faster layout: {equal}.")
+    if {"train-fp32", "train-bf16"} <= set(rates):
+        speedups = ", ".join(f"{name} {rates['train-bf16'][name] / rates['train-fp32'][name]:.2f}x"
+                             for name in networks)
+        reading.append(f"bf16 autocast over fp32 in training: {speedups} (on a CPU with AVX512-BF16 / AMX; "
+                       "without them autocast is far slower than fp32 for both networks).")
+    return "\n".join(parts) + "\n\n" + format_reading(reading)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default="configs/mnist_vp_release.py")
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--steps", type=int, default=5, help="training steps per timed round")
     parser.add_argument("--batch-size", type=int, default=0, help="0: the config's training.batch_size")
-    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     parser.add_argument("--modes", nargs="+", choices=list(MODES), default=list(MODES),
                         help="what to time (default: all; train-bf16 is slow without AVX512-BF16)")
-    parser.add_argument("--no-append", action="store_true", help="do not append to BENCHMARKS.md")
+    add_run_options(parser)
     args = parser.parse_args()
     if args.rounds < 1 or args.steps < 1:
         parser.error("--rounds and --steps must be >= 1")
     require_diffusers()
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    apply_threads(args)
     config = load_config(args.config)
     sde = create_sde(config)
     trainees = {name: Trainee(config, net) for name, net in networks(config, sde).items()}
@@ -138,36 +170,12 @@ def main() -> None:
         print(f"round {round_index + 1}/{args.rounds}: " + ", ".join(
             f"{name} {mode} {rates[(name, mode)][-1]:.1f}" for name, mode in runs),
             flush=True)
-    median = {run: statistics.median(values) for run, values in rates.items()}
-
-    def fastest(family: str, mode: str) -> tuple[str, float]:
-        name = max((n for n in trainees if n.startswith(family)), key=lambda n: median[(n, mode)])
-        return name, median[(name, mode)]
-
-    lines = [f"Our U-Net: {counts['ours']:,} parameters; diffusers UNet2DModel (matched layout): "
-             f"{counts['diffusers']:,} parameters. Batch {batch_size}, {args.rounds} rounds of "
-             f"{args.steps} steps, interleaved.", "",
-             "| images/s | " + " | ".join(f"{name} images/s" for name in trainees)
-             + " | ours NHWC / diffusers NCHW | ours best / diffusers best |",
-             "|---|" + "---|" * (len(trainees) + 2)]
-    for mode in args.modes:
-        ours = median[("ours NHWC", mode)]
-        default = median[("diffusers NCHW", mode)]
-        lines.append(f"| {MODES[mode][0]} | " + " | ".join(f"{median[(name, mode)]:.1f}" for name in trainees)
-                     + f" | {ours / default:.2f} | {fastest('ours', mode)[1] / fastest('diffusers', mode)[1]:.2f} |")
-    if {"train-fp32", "train-bf16"} <= set(args.modes):
-        lines += ["", "training bf16 / fp32 throughput: " + ", ".join(
-            f"{name} {median[(name, 'train-bf16')] / median[(name, 'train-fp32')]:.2f}" for name in trainees)]
-    train_modes = [mode for mode in args.modes if MODES[mode][1]]
-    if "train-fp32" in train_modes:
-        # What a user sees: our fastest training setting against diffusers out of the box
-        # (fp32, NCHW), the comparison of the goal (>= 1.5x).
-        mode, (name, ours) = max(((m, fastest("ours", m)) for m in train_modes), key=lambda r: r[1][1])
-        default = median[("diffusers NCHW", "train-fp32")]
-        lines += ["", f"Fastest training of ours ({name}, {MODES[mode][0]}) / diffusers out of the box "
-                      f"(NCHW, fp32): {ours:.1f} / {default:.1f} = {ours / default:.2f}"]
-    table = "\n".join(lines)
-    publish(args, "Training throughput: our U-Net vs diffusers UNet2DModel", table)
+    result = {"config": args.config, "parameters": counts, "batch_size": batch_size, "rounds": args.rounds,
+              "steps": args.steps, "networks": list(trainees),
+              "images_per_s": {mode: {name: statistics.median(rates[(name, mode)]) for name in trainees}
+                               for mode in args.modes},
+              "per_round": {mode: {name: rates[(name, mode)] for name in trainees} for mode in args.modes}}
+    write_result(args, NAME, TITLE, result, render)
 
 
 if __name__ == "__main__":

@@ -1,24 +1,7 @@
 """Shared fixtures: tiny trained runs (continuous VP and discrete DDPM) reused across tests."""
-from pathlib import Path
-
 import pytest
 
-from configs import tiny
-
-#: The MNIST files shipped in the package (the test split and train5k), MD5-checked on read.
-MNIST_DIR = Path(__file__).resolve().parents[1] / "sde" / "assets" / "mnist"
-
-
-def make_tiny_config(continuous: bool = True, **training):
-    """configs/tiny.py on the MNIST test split shipped in the package, offline."""
-    config = tiny.get_config()
-    config.data.data_dir = str(MNIST_DIR)
-    config.data.split = "test"
-    config.data.download = False
-    config.training.continuous = continuous
-    for key, value in training.items():
-        config.training[key] = value
-    return config
+from sde.testing import MNIST_DIR, make_tiny_config  # noqa: F401 (shared with bench/fault_injection.py)
 
 
 @pytest.fixture(scope="session")

@@ -470,7 +470,7 @@ def test_elbo_bands_of_the_diagnostic_bench_match_the_gaussian_closed_form():
     class; with the exact eps of diagonal Gaussian data each (band, dimension) part has the
     mean 1/2 log((1 + s^2 e^{2 hi}) / (1 + s^2 e^{2 lo})) (derivation above), and the bands
     add up to the whole integral."""
-    from bench.elbo_by_noise_level import band_integrals
+    from bench.investigations.elbo_by_noise_level import band_integrals
 
     sde = VPSDE()
     mean, std = torch.tensor([0.3, -0.2], dtype=DTYPE), torch.tensor([0.5, 0.02], dtype=DTYPE)

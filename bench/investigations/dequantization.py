@@ -1,10 +1,10 @@
 """Bits/dim of one model under uniform and truncated-normal dequantization, side by side.
 
-    python bench/dequantization.py                                   # released model, train5k
-    python bench/dequantization.py --split test --num-images 50      # choose tau on training images
+    python -m bench.investigations.dequantization                    # released model, train5k
+    python -m bench.investigations.dequantization --split test --num-images 50   # choose tau on training images
 
 Both are upper bounds on -log2 P(u) / D of the 8-bit pixels by the probability-flow ODE
-(sde/likelihood.py, module docstring): uniform dequantization (Theis et al. 2016; the
+(sde/likelihood, module docstring): uniform dequantization (Theis et al. 2016; the
 protocol of score_sde, the ODE from eps = 1e-5 at the dequantized pixels) and truncated-
 normal dequantization (Zheng et al. 2023; the ODE from t0 at the training grid plus the
 training noise cut to the pixel's bin) at each ``--truncations`` tau. Every setting sees
@@ -16,19 +16,17 @@ to BENCHMARKS.md. The lower a bound the better: each is a valid bits/dim on its 
 from __future__ import annotations
 
 import argparse
-import sys
 import time
-from pathlib import Path
 
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+from bench.common import (add_run_options, apply_threads, footnotes, format_reading, load_config, model_text, paired,
+                          repo_relative, table, write_result)
+from sde import data, likelihood
+from sde.inference import load_ema_model
+from sde.sdes import create_sde
 
-from bench.common import add_run_options, apply_threads, load_config, paired_difference, publish  # noqa: E402
-from sde import data, likelihood  # noqa: E402
-from sde.inference import load_ema_model  # noqa: E402
-from sde.sdes import create_sde  # noqa: E402
+NAME, TITLE = "dequantization", "Bits/dim: uniform vs truncated-normal dequantization"
 
 
 def main() -> None:
@@ -69,24 +67,61 @@ def main() -> None:
               f"t0 {info['t0']:.3g}, NFE {info['nfe']}, {results[(dequantization, tau)][3]:.0f} s", flush=True)
 
     uniform = results[("uniform", None)][2]["per_image"].mean(1)
-    lines = [f"{source} (step {step}); {len(images)} {args.split} images (subset seed {args.seed}), "
-             f"one draw of dequantization noise and Hutchinson probe per image, dopri5 in log-SNR at "
-             f"rtol = atol = {likelihood.DEFAULT_RTOL:g}.", "",
-             "| dequantization | tau | t0 | sigma(t0) | bits/dim | minus uniform, per image | NFE | seconds |",
-             "|---|---|---|---|---|---|---|---|"]
+    rows = []
     for (dequantization, tau), (mean, standard_error, info, seconds) in results.items():
         t0 = torch.tensor(info["t0"], dtype=torch.float64)
-        difference = info["per_image"].mean(1) - uniform
-        paired = "" if tau is None else paired_difference(difference)
-        lines.append(f"| {dequantization.replace('_', '-')} | {'' if tau is None else f'{tau:g}'} | "
-                     f"{info['t0']:.3g} | {sde.sigma(t0).item():.2e} | {mean:.4f} ± {standard_error:.4f} | "
-                     f"{paired} | {info['nfe']} | {seconds:.0f} |")
-    best = min(results, key=lambda key: results[key][0])
-    lines += ["", f"Lowest bound: {best[0].replace('_', '-')}"
-                  + (f" at tau = {best[1]:g}" if best[1] is not None else "")
-                  + f", {results[best][0]:.4f} bits/dim."]
-    table = "\n".join(lines)
-    publish(args, "Bits/dim: uniform vs truncated-normal dequantization", table)
+        row = {"dequantization": dequantization, "tau": tau, "t0": info["t0"], "sigma_t0": sde.sigma(t0).item(),
+               "bpd": mean, "bpd_se": standard_error, "nfe": info["nfe"], "seconds": seconds}
+        if tau is not None:
+            row["minus_uniform"], row["minus_uniform_se"] = paired(info["per_image"].mean(1) - uniform)
+        rows.append(row)
+    result = {"model": {"checkpoint": repo_relative(source), "step": step, "config": repo_relative(args.config)},
+              "split": args.split, "num_images": len(images), "seed": args.seed,
+              "rtol": likelihood.DEFAULT_RTOL, "rows": rows}
+    write_result(args, NAME, TITLE, result, render)
+
+
+def _cell(row: dict) -> str:
+    text = f"{row['bpd']:.4f}"
+    if "minus_uniform" in row:
+        text += f" ({row['minus_uniform']:+.4f} ± {row['minus_uniform_se']:.4f})"
+    return text
+
+
+def _describe(result: dict) -> str:
+    return f"{model_text(result['model'])}, {result['num_images']} {result['split']} images"
+
+
+def render(result: dict) -> str:
+    supplements = result.get("supplements", [])
+    markers, notes = footnotes(supplements)
+    runs = [(result, "")] + list(zip(supplements, markers))
+    taus = sorted({row["tau"] for run, _ in runs for row in run["rows"] if row["tau"] is not None}, reverse=True)
+    columns = ["uniform"] + [f"τ = {tau:g}" for tau in taus]
+
+    def column(row: dict) -> str:
+        return "uniform" if row["tau"] is None else f"τ = {row['tau']:g}"
+
+    body = []
+    for run, marker in runs:
+        cells = {column(row): _cell(row) for row in run["rows"]}
+        body.append([_describe(run) + marker] + [cells.get(c, "") for c in columns])
+    parts = [f"Bits/dim by the probability-flow ODE (dopri5 in log-SNR at rtol = atol = {result['rtol']:g}), "
+             "one draw of dequantization noise and Hutchinson probe per image, the same for every "
+             "setting of a row; in brackets the per-image difference from uniform dequantization "
+             "(mean ± standard error, the paired comparison). Truncated-normal dequantization "
+             "(Zheng et al. 2023) at truncation τ; uniform is score_sde's protocol.", "",
+             table(["model, images"] + columns, body)]
+    if notes:
+        parts += [""] + notes
+    best = {}
+    for run, marker in runs:
+        lowest = min(run["rows"], key=lambda row: row["bpd"])
+        uniform = next(row for row in run["rows"] if row["tau"] is None)
+        best.setdefault(column(lowest), []).append(f"{_describe(run)}{marker}, {lowest['bpd']:.4f} against "
+                                                   f"{uniform['bpd']:.4f} uniform")
+    reading = [f"Lowest bound at {where}: " + "; ".join(cases) + "." for where, cases in best.items()]
+    return "\n".join(parts) + "\n\n" + format_reading(reading)
 
 
 if __name__ == "__main__":
