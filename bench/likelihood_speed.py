@@ -50,7 +50,6 @@ Tensor = torch.Tensor
 TABLE_TOLERANCES = (1e-2, 3e-3, 1e-3, 3e-4, 1e-4, 3e-5, 1e-5)
 TABLE_METHODS = ("dopri5", "bosh3")
 SCORE_SDE_TOLERANCE = 1e-5
-TARGET_SPEEDUP, TARGET_ERROR_BPD = 3.0, 0.01
 
 
 # ---- the model --------------------------------------------------------------------------
@@ -269,9 +268,7 @@ def main() -> None:
     speedup = baseline["seconds"] / default["seconds"]
     round_ratios = ", ".join(f"{b / c:.2f}" for b, c in zip(baseline_seconds, default_seconds))
     print(f"(b)/(c) per round: {round_ratios}", flush=True)
-    verdict = "meets" if speedup >= TARGET_SPEEDUP and default["error_mean_bpd"] <= TARGET_ERROR_BPD else "MISSES"
-    print(f"wall-time ratio (b)/(c) = {speedup:.2f}x; {verdict} the target (>= {TARGET_SPEEDUP:g}x, "
-          f"<= {TARGET_ERROR_BPD} bits/dim)", flush=True)
+    print(f"wall-time ratio (b)/(c) = {speedup:.2f}x", flush=True)
 
     # error against cost
     rows = []

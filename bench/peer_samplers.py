@@ -238,7 +238,7 @@ def render(result: dict) -> str:
             f"{row['ratio']:.3f}x diffusers' best over {'all' if scope == 'all' else 'the deterministic'} samplers"
             for scope, row in rows.items())
         plain = [defaults[(budget, scope)] for scope in rows if (budget, scope) in defaults]
-        if plain:
+        if any(row["ours"] is not rows[row["scope"]]["ours"] for row in plain):
             text += "; with our default options only, " + " and ".join(
                 f"{row['ratio']:.3f}x (`{row['ours']['label']}`, {row['ours']['fid']:.2f})" for row in plain)
         reading.append(text + ".")

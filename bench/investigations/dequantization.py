@@ -10,8 +10,9 @@ normal dequantization (Zheng et al. 2023; the ODE from t0 at the training grid p
 training noise cut to the pixel's bin) at each ``--truncations`` tau. Every setting sees
 the same images and draws its noise from the same seed; the table gives each mean with its
 standard error over images, and the per-image difference from uniform with its standard
-error (the paired comparison, much tighter than the two standard errors). Appends the table
-to BENCHMARKS.md. The lower a bound the better: each is a valid bits/dim on its own.
+error (the paired comparison, much tighter than the two standard errors). Writes
+``bench/results/dequantization.json``. The lower a bound the better: each is a valid bits/dim
+on its own.
 """
 from __future__ import annotations
 
