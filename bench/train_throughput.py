@@ -29,7 +29,7 @@ import time
 
 import torch
 
-from bench.common import add_run_options, apply_threads, format_reading, load_config, table, write_result
+from bench.common import add_run_options, apply_threads, footnotes, format_reading, load_config, table, write_result
 from bench.peers import matched_unet, require_diffusers
 from sde.losses import LossConfig, make_loss_fn
 from sde.models import count_parameters, create_model
@@ -126,11 +126,17 @@ def render(result: dict) -> str:
         equal = ", ".join(f"{labels[m]} {_fastest(rates, 'ours', m)[1] / _fastest(rates, 'diffusers', m)[1]:.2f}x"
                           for m in training)
         reading.append(f"At equal precision, each network in its faster layout: {equal}.")
-    if {"train-fp32", "train-bf16"} <= set(rates):
-        speedups = ", ".join(f"{name} {rates['train-bf16'][name] / rates['train-fp32'][name]:.2f}x"
-                             for name in networks)
-        reading.append(f"bf16 autocast over fp32 in training: {speedups} (on a CPU with AVX512-BF16 / AMX; "
-                       "without them autocast is far slower than fp32 for both networks).")
+    supplements = result.get("supplements", [])
+    markers, notes = footnotes(supplements)
+    for part, marker in [(result, "")] + list(zip(supplements, markers)):
+        part_rates = part["images_per_s"]
+        if {"train-fp32", "train-bf16"} <= set(part_rates):
+            speedups = ", ".join(f"{name} {part_rates['train-bf16'][name] / part_rates['train-fp32'][name]:.2f}x"
+                                 for name in part["networks"])
+            reading.append(f"bf16 autocast over fp32 in training{marker} ({part['machine'].get('cpu', 'CPU')}): "
+                           f"{speedups}.")
+    if notes:
+        parts += [""] + notes
     return "\n".join(parts) + "\n\n" + format_reading(reading)
 
 

@@ -197,7 +197,7 @@ def _where_the_bits_go(result: dict, marker: str = "") -> str:
             f"from 0 to 5{levels}, where the network must know where a digit's strokes run; the background "
             f"costs {result['elbo']['classes'][background][0]:.2f}: {low_noise:.2f} at λ > 5, below a pixel level "
             f"of noise, where the uniform bound compares the network with points spread evenly over the bin, "
-            f"less {-result['reconstruction']['classes'][background][0]:.2f} of reconstruction term.")
+            f"less {-result['reconstruction']['classes'][background][0]:.2f} of the reconstruction term.")
 
 
 def _changes(result: dict, other: dict) -> str:
