@@ -50,8 +50,8 @@ Tensor = torch.Tensor
 
 DEQUANTIZATIONS = ("uniform", "truncated_normal")
 #: tau of truncated-normal dequantization, in standard deviations of the noise at t0 (module
-#: docstring); chosen on training images of the released model (``bench/dequantization.py
-#: --split test``, BENCHMARKS.md).
+#: docstring); chosen on training images of the released model (``python -m
+#: bench.investigations.dequantization --split test``, BENCHMARKS.md).
 DEFAULT_TRUNCATION = 2.0
 
 #: dx/dw of the dequantized map x = (u + v) * 2 / NUM_PIXEL_LEVELS - 1, w = u + v.
