@@ -6,7 +6,7 @@ callable refused by ``torch.load(weights_only=True)`` before it can run. The CLI
 (main.py): SIGTERM / SIGINT save and exit 0, the same command resumes; SIGKILL at any moment
 resumes from the last good checkpoint; every input in ``BAD_INPUTS`` is answered by one
 line on stderr and exit code 2 before any training step. bench/fault_injection.py runs
-the same faults many times over and shares ``BAD_INPUTS`` (sde/testing.py).
+the same faults many times over and shares ``BAD_INPUTS`` (sde/testing/faults.py).
 """
 from __future__ import annotations
 

@@ -18,7 +18,7 @@ LAYERS = [
     ["sde.generation"],
     ["sde.quality"],
     ["sde.api", "sde.modes", "configs"],
-    ["sde", "main", "sde.testing"],  # sde.testing: what tests and benchmarks share
+    ["sde", "main", "sde.testing"],  # sde.testing: what tests and benchmarks share, above all
 ]
 #: Tools run as scripts, above everything they use.
 SCRIPTS = {"evaluation.train_classifier"}
