@@ -655,7 +655,7 @@ ORDER_CASES = [  # (sampler, options, expected order, accepted slope range); mea
     # without the corrector UniP-p is of order p (2.02: UniP-2 is DPM-Solver++ 2M)
     ("unipc", {"order": 2, "corrector": False, "lower_order_final": False}, 2, (1.9, 2.3)),
     # SDE-DPM-Solver++ 2M without diffusion (eta = 0, midpoint: DPM-Solver++ 2M) integrates
-    # the ODE: order 2 (2.02; heun weighting, the default until session 11: 2.04)
+    # the ODE: order 2 (2.02; with the heun weighting 2.04)
     ("dpm_solver_sde", {"eta": 0.0}, 2, (1.9, 2.3)),
 ]
 
