@@ -4,8 +4,8 @@
     pipe = sde.load("release/mnist_vp_release.safetensors")
     x, info = pipe.sample(16, method="dpm_solver", steps=20)       # float in [-1, 1]
     images = pipe.to_uint8(x)                                      # uint8 [16, 1, 28, 28]
-    heldout, _ = pipe.dataset("train5k")
-    mean, standard_error, _ = pipe.bits_per_dim(heldout[:8])
+    heldout, _ = pipe.dataset("train5k")                           # sorted by class
+    mean, standard_error, _ = pipe.bits_per_dim(heldout[::500])    # one digit of each class
 
 Exported weights (``--mode export``, the released files) carry the resolved config they
 were trained with, so the network, the SDE and the data's scaling come back exactly; a run
@@ -24,12 +24,12 @@ import ml_collections
 import torch
 
 from sde import checkpoint, data, likelihood
+from sde.checkpoint import CheckpointError
 from sde.configuration import sampler_options
+from sde.distributed import resolve_device
 from sde.generation import generate
-from sde.inference import load_weights
-from sde.models import create_model
+from sde.inference import load_ema_model
 from sde.sdes import SDE, create_sde
-from sde.workdir import Workdir
 
 Tensor = torch.Tensor
 
@@ -55,27 +55,27 @@ def config_from_dict(stored: dict[str, Any]) -> ml_collections.ConfigDict:
     return config
 
 
-def _config_of(path: Path) -> tuple[ml_collections.ConfigDict, Path]:
-    """The config stored with ``path`` and the weights file to load: exported ``.safetensors``
-    (config in its metadata), a checkpoint ``.pt`` of a run, or the run directory itself
-    (its newest readable checkpoint), both with the run's ``config.json``."""
+def _stored_config(path: Path) -> ml_collections.ConfigDict:
+    """The config stored with ``path``: in the metadata of exported ``.safetensors`` weights,
+    or in the ``config.json`` of the run that a run directory or checkpoint ``.pt`` belongs to."""
     if path.suffix == ".safetensors":
-        metadata = checkpoint.read_safetensors_metadata(path)
-        if "config" not in metadata:
+        source, text = path, checkpoint.read_safetensors_metadata(path).get("config")
+        if text is None:
             raise ValueError(f"{path} holds no config in its metadata; pass config= (the one it was trained with)")
-        return config_from_dict(json.loads(metadata["config"])), path
-    run_dir = path if path.is_dir() else path.parent.parent  # <run>/checkpoints/checkpoint_<step>.pt
-    config_file = run_dir / "config.json"
-    if not config_file.is_file():
-        raise FileNotFoundError(f"{config_file} not found: give exported .safetensors weights, a run "
-                                f"directory or one of its checkpoints, or pass config=")
-    config = config_from_dict(json.loads(config_file.read_text()))
-    if path.is_dir():
-        restored = checkpoint.list_checkpoints(Workdir(path, create=False).checkpoints)
-        if not restored:
-            raise FileNotFoundError(f"no checkpoint in {path / 'checkpoints'}; train first (--mode train)")
-        return config, restored[-1][1]
-    return config, path
+    else:
+        source = (path if path.is_dir() else path.parent.parent) / "config.json"  # <run>/checkpoints/<file>.pt
+        if not source.is_file():
+            raise FileNotFoundError(f"{source} not found: give exported .safetensors weights, a run "
+                                    f"directory or one of its checkpoints, or pass config=")
+        text = source.read_text()
+    try:
+        stored = json.loads(text)
+        if not isinstance(stored, dict):
+            raise TypeError(f"a JSON {type(stored).__name__}, not an object")
+        return config_from_dict(stored)
+    except (ValueError, TypeError, AttributeError) as error:
+        raise CheckpointError(f"the config stored in {source} is damaged ({type(error).__name__}: "
+                              f"{str(error).splitlines()[0] if str(error) else ''}); pass config=") from error
 
 
 @dataclass
@@ -107,12 +107,16 @@ class Pipeline:
         ``options`` are the sampler's (``samplers.SAMPLERS[method].options``), by default the
         config's ``sampling.options`` when ``method`` is the config's. Sample k comes from
         generator (seed, k), as in ``--mode sample``: the same images for the same seed,
-        whatever ``batch_size``.
+        whatever ``batch_size`` (up to the float rounding of batched network calls).
         """
         config = self.config.copy_and_resolve_references()
-        if method is None:
+        for name, value in (("num_samples", num_samples), ("steps", steps), ("batch_size", batch_size)):
+            if (value is not None or name == "num_samples") and (
+                    isinstance(value, bool) or not isinstance(value, int) or value < 1):
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if method is None or method == config.sampling.method:
             method, options = config.sampling.method, {**sampler_options(config), **options}
-        steps = steps or config.sampling.steps
+        steps = config.sampling.steps if steps is None else steps
         config.sampling.batch_size = batch_size or min(num_samples, config.sampling.batch_size)
         batches, info = [], {}
         for _, x, info in generate(config, self.model, self.sde, self.device, num_samples=num_samples,
@@ -131,7 +135,10 @@ class Pipeline:
 
     def bits_per_dim(self, images: Tensor, **options) -> tuple[float, float, dict]:
         """Bits/dim of uint8 images by the probability-flow ODE (``likelihood.bits_per_dim``):
-        (mean, standard error, info)."""
+        (mean, standard error, info). The dequantization is the config's (``eval.bpd_*``),
+        as ``--mode eval`` reports it, unless ``options`` say otherwise."""
+        options.setdefault("dequantization", self.config.eval.bpd_dequantization)
+        options.setdefault("truncation", self.config.eval.bpd_truncation)
         return likelihood.bits_per_dim(self.model, self.sde, images.to(self.device),
                                        dequantized_grid=self.config.data.dequantize, **options)
 
@@ -145,17 +152,17 @@ class Pipeline:
 def load(path: str | Path, *, device: str | torch.device = "cpu",
          config: ml_collections.ConfigDict | None = None) -> Pipeline:
     """Rebuild a trained model from ``path``: exported ``.safetensors`` weights, a run
-    directory (its newest checkpoint) or a checkpoint ``.pt`` of a run; EMA weights, in
-    eval mode on ``device``. ``config`` overrides the stored one (weights without it)."""
+    directory (its newest readable checkpoint) or a checkpoint ``.pt`` of a run; EMA weights,
+    in eval mode on ``device`` ("auto": CUDA when available). ``config`` replaces the stored
+    one (for weights saved without it)."""
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"{path} does not exist; give exported .safetensors weights, a run "
                                 f"directory or a checkpoint .pt")
-    stored, weights = _config_of(path) if config is None else (config, path)
-    model = create_model(stored)
-    step = load_weights(model, stored, weights)
-    model = model.to(device).eval().requires_grad_(False)
-    return Pipeline(model=model, sde=create_sde(stored), config=stored, source=str(weights), step=step)
+    config = _stored_config(path) if config is None else config
+    model, source, step = load_ema_model(config, path if path.is_dir() else "",
+                                         resolve_device(str(device)), "" if path.is_dir() else str(path))
+    return Pipeline(model=model, sde=create_sde(config), config=config, source=source, step=step)
 
 
 __all__ = ["Pipeline", "config_from_dict", "load"]

@@ -12,6 +12,7 @@ from typing import Any
 
 from sde import data, samplers
 from sde.checkpoint import CheckpointError
+from sde.checks import positive_int, require
 from sde.models import check_model_config
 from sde.sdes import SDES, create_sde
 from sde.workdir import WorkdirError
@@ -20,18 +21,6 @@ from sde.workdir import WorkdirError
 USER_ERRORS = (ValueError, FileNotFoundError, CheckpointError, WorkdirError)
 
 SCHEDULES = ("linear", "cosine")
-
-
-def require(condition: bool, message: str) -> None:
-    """Raise ``ValueError(message)`` unless ``condition``."""
-    if not condition:
-        raise ValueError(message)
-
-
-def positive_int(value: Any, name: str) -> None:
-    """Require ``value`` (the config key ``name``) to be an integer > 0."""
-    require(isinstance(value, int) and not isinstance(value, bool) and value > 0,
-            f"{name} must be a positive integer, got {value!r}")
 
 
 def sampler_options(config) -> dict[str, Any]:

@@ -46,7 +46,12 @@ def load_weights(model: torch.nn.Module, config, source: Path) -> int | None:
     if source.suffix == ".safetensors":
         metadata = checkpoint.import_safetensors(model, source)
         check_exported_config(config, metadata, source)
-        return int(metadata["step"]) if "step" in metadata else None
+        if "step" not in metadata:
+            return None
+        if not metadata["step"].isdigit():
+            raise checkpoint.CheckpointError(f"{source}: its metadata's step {metadata['step']!r} is not a "
+                                             f"step number; the file is damaged")
+        return int(metadata["step"])
     state = checkpoint.load_checkpoint(source)
     checkpoint.load_model_weights(model, state["ema"], f"EMA weights of {source}")
     return int(state["step"])
@@ -67,13 +72,18 @@ def check_exported_config(config, metadata: dict[str, str], source: Path) -> Non
     """
     if "config" not in metadata:
         return
-    exported = json.loads(metadata["config"])
+    try:
+        exported = json.loads(metadata["config"])
+        groups = {group: dict(exported[group]) for group in MATCHING_GROUPS if group in exported}
+    except (ValueError, TypeError) as error:
+        raise checkpoint.CheckpointError(f"{source}: the config in its metadata is damaged "
+                                         f"({type(error).__name__}: {error})") from error
     differences = []
     for group in MATCHING_GROUPS:
         for key, value in config[group].to_dict().items():
-            if key in FREE_KEYS.get(group, ()) or key not in exported.get(group, {}):
+            if key in FREE_KEYS.get(group, ()) or key not in groups.get(group, {}):
                 continue
-            trained = exported[group][key]
+            trained = groups[group][key]
             if (list(value) if isinstance(value, tuple) else value) != trained:
                 differences.append(f"{group}.{key}={value!r} (weights: {trained!r})")
     if differences:

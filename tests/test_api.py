@@ -80,12 +80,66 @@ def test_a_run_directory_and_its_checkpoints_load(tiny_run):
     assert from_run.config.model.nf == config.model.nf
 
 
-def test_load_refuses_what_it_cannot_use(tmp_path):
+def test_a_run_directory_loads_its_newest_readable_checkpoint(tiny_run, tmp_path):
+    """As the modes do: a damaged newest checkpoint is skipped for the one before."""
+    import shutil
+
+    _, workdir = tiny_run
+    run = tmp_path / "run"
+    shutil.copytree(workdir, run)
+    newest = run / "checkpoints" / "checkpoint_6.pt"
+    newest.write_bytes(newest.read_bytes()[:1000])
+    assert sde.load(run, device="auto").step == 3
+
+
+def test_load_refuses_what_it_cannot_use_with_one_line(tmp_path):
+    import json
+
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    from sde.checkpoint import CheckpointError
+
     with pytest.raises(FileNotFoundError, match="does not exist"):
         sde.load(tmp_path / "missing.safetensors")
     (tmp_path / "weights.pt").write_bytes(b"")
     with pytest.raises(FileNotFoundError, match="config.json not found"):
         sde.load(tmp_path / "weights.pt")
+    release = ROOT / RELEASES[0][0]
+    tensors = load_file(str(release))
+    with safe_open(str(release), framework="pt") as handle:
+        metadata = handle.metadata()
+    for damage, message in [({"config": "{oops"}, "config stored in .* is damaged"),
+                            ({"config": "[1, 2]"}, "config stored in .* is damaged"),
+                            ({"config": json.dumps({"model": {"nf": "32"}})}, "config stored in .* is damaged"),
+                            ({"step": "abc"}, "step 'abc' is not a step number")]:
+        damaged = tmp_path / "damaged.safetensors"
+        save_file(tensors, str(damaged), metadata={**metadata, **damage})
+        with pytest.raises(CheckpointError, match=message) as caught:
+            sde.load(damaged)
+        assert "\n" not in str(caught.value)
+    save_file(tensors, str(damaged), metadata={key: value for key, value in metadata.items() if key != "config"})
+    with pytest.raises(ValueError, match="holds no config in its metadata; pass config="):
+        sde.load(damaged)
+    assert sde.load(damaged, config=mnist_vp_release.get_config()).step == 6000
+
+
+def test_sample_refuses_counts_below_one(release):
+    for arguments, message in [({"num_samples": 0}, "num_samples must be a positive integer, got 0"),
+                               ({"num_samples": 2, "steps": 0}, "steps must be a positive integer, got 0"),
+                               ({"num_samples": 2, "batch_size": -1}, "batch_size must be a positive integer")]:
+        with pytest.raises(ValueError, match=message):
+            release.sample(**arguments)
+
+
+def test_the_configs_sampler_options_apply_when_its_sampler_is_asked_for(release):
+    release = sde.Pipeline(**{**release.__dict__, "config": release.config.copy_and_resolve_references()})
+    release.config.sampling.options.variance = "beta"
+    for method in (None, "ancestral"):
+        _, info = release.sample(1, method=method, steps=2)
+        assert info["options"]["variance"] == "beta"
+    _, info = release.sample(1, method="ancestral", steps=2, variance="beta_tilde")
+    assert info["options"]["variance"] == "beta_tilde"
 
 
 def test_fid_of_arrays_files_and_folders(tmp_path):
@@ -118,3 +172,15 @@ def test_fid_of_arrays_files_and_folders(tmp_path):
     assert result["num_generated"] == 40 and result["num_reference"] == 30
     with pytest.raises(ValueError, match="uint8"):
         read_images(first.astype(np.float32))
+
+
+def test_bits_per_dim_uses_the_dequantization_the_config_evaluates_with(monkeypatch):
+    import sde.api
+
+    fine_tune = sde.load(ROOT / RELEASES[1][0])
+    seen = {}
+    monkeypatch.setattr(sde.api.likelihood, "bits_per_dim", lambda *args, **options: seen.update(options))
+    fine_tune.bits_per_dim(torch.zeros(1, 1, 28, 28, dtype=torch.uint8))
+    assert (seen["dequantization"], seen["truncation"]) == ("truncated_normal", 2.0)
+    fine_tune.bits_per_dim(torch.zeros(1, 1, 28, 28, dtype=torch.uint8), dequantization="uniform")
+    assert seen["dequantization"] == "uniform"

@@ -26,6 +26,8 @@ def test_export_round_trip_matches_checkpoint_ema(tiny_run, tmp_path):
     assert int(metadata["step"]) == config.training.n_iters
     assert json.loads(metadata["config"])["model"]["nf"] == config.model.nf
     assert json.loads(metadata["train_summary"])["step"] == config.training.n_iters
+    # the workdir is outside the current directory: the source is named from the run directory
+    assert metadata["source"] == f"checkpoints/checkpoint_{config.training.n_iters}.pt"
 
     from_checkpoint, _, _ = load_ema_model(config, workdir, torch.device("cpu"))
     from_export, source, step = load_ema_model(config, tmp_path, torch.device("cpu"), result["path"])
@@ -53,3 +55,37 @@ def test_export_refuses_safetensors_source(tiny_run):
     other.sampling.checkpoint = path
     with pytest.raises(ValueError, match="already exported"):
         run_mode("export", other, str(Workdir(workdir).root))
+
+
+def test_exported_sources_name_no_directory_of_the_machine(tmp_path, monkeypatch):
+    from sde.modes.export import portable_path
+
+    run_dir = tmp_path / "runs" / "x"
+    (run_dir / "checkpoints").mkdir(parents=True)
+    monkeypatch.chdir(tmp_path)
+    assert portable_path(run_dir / "checkpoints" / "c.pt", run_dir) == "runs/x/checkpoints/c.pt"
+    monkeypatch.chdir(run_dir / "checkpoints")
+    assert portable_path(run_dir / "checkpoints" / "c.pt", run_dir) == "c.pt"
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    assert portable_path(run_dir / "checkpoints" / "c.pt", run_dir) == "checkpoints/c.pt"
+    assert portable_path(tmp_path / "other" / "w.pt", run_dir) == "w.pt"
+
+
+def test_shipped_release_files_name_no_path_of_the_machine():
+    """The released weights' metadata and configs hold repository-relative paths only."""
+    import re
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    machine_path = re.compile(r'(?:^|[\s"\'=(])(?:/(?:work|tmp|home|root|Users)/|\.\./)')
+    texts = {path.name: path.read_text() for path in (root / "release").glob("*.json")}
+    for path in (root / "release").glob("*.safetensors"):
+        with safe_open(str(path), framework="pt") as handle:
+            texts[path.name] = json.dumps(handle.metadata())
+    assert len(texts) >= 6
+    offending = {name: machine_path.findall(text) for name, text in texts.items() if machine_path.search(text)}
+    assert not offending, offending
+    assert machine_path.search('"source": "/work/runs/release/checkpoints/checkpoint_6000.pt"')
+    assert machine_path.search('data_dir=../shared/data/mnist')

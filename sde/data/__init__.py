@@ -22,7 +22,7 @@ from sde.data.cifar10 import (CIFAR10_ARCHIVE, CIFAR10_DIR, CIFAR10_IMAGE_SIZE, 
 from sde.data.datasets import (DATASETS, KINDS, NUM_CLASSES, Dataset, evaluation_subset, get_dataset,
                                load_dataset, register, sample_shape, validate_data_config)
 from sde.data.files import DOWNLOAD_TIMEOUT_S, Fetch, fetch_url, file_md5
-from sde.data.mnist import (IDX_IMAGES_MAGIC, IDX_LABELS_MAGIC, IDX_UBYTE_TYPE_CODE, MNIST_DOWNLOADABLE_SPLITS,
+from sde.data.mnist import (IDX_IMAGES_MAGIC, IDX_LABELS_MAGIC, IDX_UBYTE_TYPE_CODE,
                             MNIST_EMBEDDED_SPLIT, MNIST_EMBEDDED_SPLITS, MNIST_IMAGE_SIZE, MNIST_MD5,
                             MNIST_MIRRORS, MNIST_NUM_CHANNELS, MNIST_SPLIT_FILES, EmbeddedMNISTWarning,
                             load_mnist, read_idx)
@@ -37,14 +37,17 @@ from sde.data.toy import (GAUSSIAN_COV, GAUSSIAN_MEAN, SPIRAL_NOISE_STD, SPIRAL_
 for _module in pkgutil.iter_modules(__path__):  # every data set module registers itself
     importlib.import_module(f"{__name__}.{_module.name}")
 
+#: data set name -> its splits.
+SPLITS = {name: dataset.splits for name, dataset in DATASETS.items()}
+
 __all__ = [
     "BatchStream", "CIFAR10_ARCHIVE", "CIFAR10_DIR", "CIFAR10_IMAGE_SIZE", "CIFAR10_MD5",
     "CIFAR10_NUM_CHANNELS", "CIFAR10_SPLIT_FILES", "CIFAR10_URL", "DATASETS", "DOWNLOAD_TIMEOUT_S",
     "Dataset", "EmbeddedMNISTWarning", "Fetch", "GAUSSIAN_COV", "GAUSSIAN_MEAN", "GaussianMixture",
     "IDX_IMAGES_MAGIC", "IDX_LABELS_MAGIC", "IDX_UBYTE_TYPE_CODE", "KINDS", "MAX_PIXEL_VALUE",
-    "MNIST_DOWNLOADABLE_SPLITS", "MNIST_EMBEDDED_SPLIT", "MNIST_EMBEDDED_SPLITS", "MNIST_IMAGE_SIZE",
+    "MNIST_EMBEDDED_SPLIT", "MNIST_EMBEDDED_SPLITS", "MNIST_IMAGE_SIZE",
     "MNIST_MD5", "MNIST_MIRRORS", "MNIST_NUM_CHANNELS", "MNIST_SPLIT_FILES", "NUM_CLASSES",
-    "NUM_PIXEL_LEVELS", "SPIRAL_NOISE_STD", "SPIRAL_TURNS", "TOY_DIM", "TOY_NAMES", "TWO_GAUSSIANS_COVS",
+    "NUM_PIXEL_LEVELS", "SPIRAL_NOISE_STD", "SPIRAL_TURNS", "SPLITS", "TOY_DIM", "TOY_NAMES", "TWO_GAUSSIANS_COVS",
     "TWO_GAUSSIANS_MEANS", "TWO_GAUSSIANS_WEIGHTS", "create_batch_stream", "evaluation_subset",
     "fetch_url", "file_md5", "float_to_uint8", "get_dataset", "load_cifar10", "load_dataset", "load_mnist",
     "load_toy", "read_cifar10_batch", "read_idx", "register", "sample_shape", "sample_spiral", "toy_mixture",

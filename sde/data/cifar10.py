@@ -177,4 +177,4 @@ def _check(data: ml_collections.ConfigDict) -> None:
 DATASET = register(Dataset(
     name="cifar10", kind="image", splits=tuple(CIFAR10_SPLIT_FILES), load=_load,
     example_shape=lambda data: (CIFAR10_NUM_CHANNELS, CIFAR10_IMAGE_SIZE, CIFAR10_IMAGE_SIZE),
-    check=_check, num_classes=NUM_CLASSES))
+    check=_check, num_classes=NUM_CLASSES, preview_split="test"))

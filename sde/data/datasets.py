@@ -72,17 +72,14 @@ def register(dataset: Dataset) -> Dataset:
 
 def check_image_config(data: ml_collections.ConfigDict, name: str, image_size: int,
                        num_channels: int, *, flips: bool) -> None:
-    """The checks every labelled 8-bit image set shares: its image shape, whether a
-    left-right flip keeps an example in the set (``flips``), and ``data.classes``."""
+    """The checks every 8-bit image set shares: its image shape, and whether a left-right
+    flip keeps an example in the set (``flips``)."""
     if (data.image_size, data.num_channels) != (image_size, num_channels):
         raise ValueError(f"{name} images are {image_size}x{image_size} with {num_channels} channel(s), "
                          f"but the config has image_size={data.image_size}, num_channels={data.num_channels}")
     if data.random_flip and not flips:
         raise ValueError(f"random_flip is refused for {name}: a flipped image is not one of its examples "
                          f"(a flipped digit is not a digit); cifar10 takes it")
-    bad_classes = [c for c in data.classes if not (isinstance(c, int) and 0 <= c < NUM_CLASSES)]
-    if bad_classes:
-        raise ValueError(f"classes must be ints in 0..{NUM_CLASSES - 1}, got {tuple(data.classes)}")
 
 
 def get_dataset(name: str) -> Dataset:
@@ -99,6 +96,11 @@ def validate_data_config(config: ml_collections.ConfigDict, split: str | None = 
     split = data.split if split is None else split
     if split not in dataset.splits:
         raise ValueError(f"unknown {data.dataset} split {split!r}; valid: {', '.join(dataset.splits)}")
+    if tuple(data.classes):
+        if not dataset.num_classes:
+            raise ValueError(f"classes={tuple(data.classes)} needs labels; the {dataset.name} sets have none")
+        if not all(isinstance(c, int) and 0 <= c < dataset.num_classes for c in data.classes):
+            raise ValueError(f"classes must be ints in 0..{dataset.num_classes - 1}, got {tuple(data.classes)}")
     dataset.check(data)
 
 

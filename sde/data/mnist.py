@@ -55,8 +55,6 @@ MNIST_MD5 = {
 }
 #: Mirrors tried in order; the S3 one is torchvision's, the second the original site.
 MNIST_MIRRORS = ("https://ossci-datasets.s3.amazonaws.com/mnist/", "http://yann.lecun.com/exdb/mnist/")
-#: Splits published on the mirrors (train5k exists only as the benchmark's own files).
-MNIST_DOWNLOADABLE_SPLITS = ("train", "test")
 #: Splits shipped inside the package (sde/assets/mnist), identical to the files above.
 MNIST_EMBEDDED_SPLITS = ("test", "train5k")
 #: The embedded split that stands in, with a warning, for a training split that is missing.

@@ -17,6 +17,7 @@ from typing import Callable
 import ml_collections
 from torch import nn
 
+from sde.checks import positive_int
 from sde.data import get_dataset
 from sde.models.embeddings import EMBEDDING_TYPES, TimeEmbedding
 from sde.models.mlp import ToyMLP
@@ -34,15 +35,10 @@ class ModelSpec:
     check: Callable[[ml_collections.ConfigDict], None] = lambda config: None
 
 
-def _positive_int(value, name: str) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-        raise ValueError(f"{name} must be a positive integer, got {value!r}")
-
-
 def _check_unet(config: ml_collections.ConfigDict) -> None:
     model = config.model
-    _positive_int(model.nf, "model.nf")
-    _positive_int(model.num_res_blocks, "model.num_res_blocks")
+    positive_int(model.nf, "model.nf")
+    positive_int(model.num_res_blocks, "model.num_res_blocks")
     if not (len(model.ch_mult) > 0 and all(isinstance(m, int) and m > 0 for m in model.ch_mult)):
         raise ValueError(f"model.ch_mult must be a non-empty tuple of positive integers, got {model.ch_mult!r}")
 

@@ -17,7 +17,8 @@ from typing import Any
 import torch
 
 from sde import configuration, data, samplers
-from sde.configuration import positive_int, require, sampler_options
+from sde.checks import positive_int, require
+from sde.configuration import sampler_options
 from sde.distributed import resolve_device
 from sde.inference import load_ema_model
 from sde.samplers import align_steps

@@ -18,6 +18,7 @@ from typing import Any
 
 from sde import configuration, data, distributed, images, samplers
 from sde.checkpoint import atomic_write
+from sde.checks import positive_int
 from sde.inference import load_ema_model
 from sde.quality import classifier_metrics_for, inception_for, reference_features, sample_quality
 from sde.sdes import create_sde
@@ -52,8 +53,8 @@ def check(config) -> None:
     dataset = data.get_dataset(config.data.dataset)
     if not dataset.is_image:
         raise ValueError(f"--mode compare measures FID of images; data.dataset={dataset.name!r} has none")
-    configuration.positive_int(config.compare.num_samples, "compare.num_samples")
-    configuration.positive_int(config.sampling.batch_size, "sampling.batch_size")
+    positive_int(config.compare.num_samples, "compare.num_samples")
+    positive_int(config.sampling.batch_size, "sampling.batch_size")
     validate_runs(config)
 
 
@@ -92,9 +93,8 @@ def compare(config, workdir: str | Path) -> dict[str, Any]:
     reference = reference_features(config, run, inception, shard=context.shard)
 
     results, rows = [], []
-    for method, steps, options in runs:
-        label = f"{method}:{steps}" + (":" + ",".join(f"{k}={v}" for k, v in options.items())
-                                       if options else "")
+    for entry, (method, steps, options) in zip(config.compare.runs, runs):
+        label = "".join(entry.split())  # the run as written
         classifier = classifier_metrics_for(config, device)
         metrics, grid = sample_quality(config, model, sde, device, method=method, steps=steps,
                                        options=options, num_samples=config.compare.num_samples,

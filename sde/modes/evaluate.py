@@ -22,7 +22,8 @@ import numpy as np
 import torch
 
 from sde import configuration, data, distributed, images, likelihood
-from sde.configuration import positive_int, require, sampler_options
+from sde.checks import positive_int, require
+from sde.configuration import sampler_options
 from sde.inference import load_ema_model
 from sde.losses import LossConfig, make_loss_fn
 from sde.quality import classifier_metrics_for, inception_for, reference_features, sample_quality

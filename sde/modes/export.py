@@ -25,6 +25,18 @@ def check(config) -> None:
     if config.sampling.checkpoint.endswith(".safetensors"):
         raise ValueError(f"sampling.checkpoint={config.sampling.checkpoint!r} is already exported "
                          f"weights; give a .pt checkpoint or leave it empty for the workdir's newest")
+    configuration.check_sampling(config)  # the sampler the weights' users get by default
+
+
+def portable_path(path: str | Path, run_dir: Path) -> str:
+    """``path`` as exported weights record it: relative to the current directory when inside
+    it (a repository-relative path), else relative to the run directory, else its name alone,
+    so that the file names no directory of the machine it was made on."""
+    path = Path(path).resolve()
+    for base in (Path.cwd().resolve(), run_dir.resolve()):
+        if path.is_relative_to(base):
+            return str(path.relative_to(base))
+    return path.name
 
 
 def run(config, workdir: str | Path) -> dict[str, Any]:
@@ -38,7 +50,7 @@ def export(config, workdir: str | Path) -> dict[str, Any]:
     run = Workdir(workdir)
     model, source, step = load_ema_model(config, workdir, torch.device("cpu"),
                                          config.sampling.checkpoint)
-    metadata = {"step": str(step), "source": source,
+    metadata = {"step": str(step), "source": portable_path(source, run.root),
                 "config": json.dumps(config.to_dict(), sort_keys=True, default=list)}
     summary_path = run.root / "train_summary.json"
     if summary_path.is_file():

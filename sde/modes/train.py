@@ -24,7 +24,8 @@ from torch.utils.tensorboard import SummaryWriter
 from tqdm.auto import tqdm
 
 from sde import checkpoint, configuration, data, distributed, samplers
-from sde.configuration import positive_int, require, sampler_options
+from sde.checks import positive_int, require
+from sde.configuration import sampler_options
 from sde.inference import load_weights
 from sde.losses import LossConfig, make_loss_fn
 from sde.models import count_parameters, create_model
