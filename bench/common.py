@@ -19,6 +19,8 @@ from typing import Any, Callable
 
 import torch
 
+from sde.environment import cpu_model
+
 REPO = Path(__file__).resolve().parents[1]
 #: Where the results files live (one ``<name>.json`` per benchmark, its plot ``<name>.png``).
 RESULTS = REPO / "bench" / "results"
@@ -30,16 +32,6 @@ def load_config(path: str):
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module.get_config()
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def machine() -> dict[str, Any]:

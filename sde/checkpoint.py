@@ -85,10 +85,29 @@ def save_checkpoint(directory: Path, step: int, state: dict[str, Any], keep: int
     return path
 
 
+#: Top-level entries of a checkpoint that stay on the CPU whatever ``map_location`` says:
+#: generator states are CPU byte tensors (``sde.randomness``).
+CPU_ENTRIES = ("rng",)
+
+
+def _to_device(value: Any, device: str | torch.device) -> Any:
+    """``value`` with every tensor in it (through dicts, lists and tuples) on ``device``."""
+    if isinstance(value, torch.Tensor):
+        return value.to(device)
+    if isinstance(value, dict):
+        return {key: _to_device(item, device) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_to_device(item, device) for item in value)
+    return value
+
+
 def load_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
-    """Load one checkpoint safely (weights only); CheckpointError if unreadable or unsafe."""
+    """Load one checkpoint safely (weights only); CheckpointError if unreadable or unsafe.
+
+    Tensors go to ``map_location``, except the ``CPU_ENTRIES`` (RNG states), which stay on
+    the CPU, where ``torch.set_rng_state`` and ``Generator.set_state`` take them."""
     try:
-        return torch.load(path, map_location=map_location, weights_only=True)
+        state = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as error:  # torch's text advises weights_only=False: not here
         detail = next((line.strip() for line in str(error).splitlines()
                        if "GLOBAL" in line or line.strip().startswith("Unsupported")), "")
@@ -98,6 +117,9 @@ def load_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> dic
     except Exception as error:  # torch raises many types for truncated / foreign files
         reason = str(error).splitlines()[0] if str(error) else "unexpected end of file"
         raise CheckpointError(f"cannot load checkpoint {path}: {type(error).__name__}: {reason}") from error
+    if torch.device(map_location).type == "cpu" or not isinstance(state, dict):
+        return state
+    return {key: value if key in CPU_ENTRIES else _to_device(value, map_location) for key, value in state.items()}
 
 
 def load_latest(directory: Path, map_location: str | torch.device = "cpu"

@@ -30,6 +30,7 @@ from typing import Callable
 
 import torch
 
+from sde import randomness
 from sde.sdes import SDE, broadcast_to
 
 Tensor = torch.Tensor
@@ -52,8 +53,8 @@ def _randn_shard(x0: Tensor, generator: torch.Generator | None, shard: tuple[int
     """
     rank, world = shard
     batch = x0.shape[0]
-    full = torch.randn((batch * world,) + x0.shape[1:], generator=generator, device=x0.device,
-                       dtype=x0.dtype)
+    full = randomness.randn((batch * world,) + x0.shape[1:], generator=generator, device=x0.device,
+                            dtype=x0.dtype)
     return full[rank * batch:(rank + 1) * batch]
 
 
@@ -66,8 +67,8 @@ def sample_time(sde: SDE, batch: int, cfg: LossConfig, generator: torch.Generato
                 ) -> tuple[Tensor, Tensor]:
     """Training times t [B] (float64) and the per-sample loss weights [B] of the objective."""
     rank, world = shard
-    uniform = torch.rand(batch * world, generator=generator, device=device,
-                         dtype=torch.float64)[rank * batch:(rank + 1) * batch]
+    uniform = randomness.rand(batch * world, generator=generator, device=device,
+                              dtype=torch.float64)[rank * batch:(rank + 1) * batch]
     t_min, t_max = cfg.eps, sde.T
     if not cfg.likelihood_weighting:
         return t_min + (t_max - t_min) * uniform, torch.ones_like(uniform)
@@ -102,8 +103,8 @@ def discrete_loss(model: Model, sde: SDE, x0: Tensor,
     """DDPM L_simple (Ho et al. 2020, eq. 14) over integer steps i ~ U{1..N}."""
     rank, world = shard
     batch = x0.shape[0]
-    step = torch.randint(0, sde.N, (batch * world,), generator=generator,
-                         device=x0.device)[rank * batch:(rank + 1) * batch]
+    step = randomness.randint(0, sde.N, (batch * world,), generator=generator,
+                              device=x0.device)[rank * batch:(rank + 1) * batch]
     alpha_i, sigma_i = (v.to(x0.device)[step] for v in sde.discrete_alpha_sigma())
     t = sde.discrete_times.to(x0.device)[step]
     noise = _randn_shard(x0, generator, shard)

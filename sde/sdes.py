@@ -27,6 +27,8 @@ import math
 
 import torch
 
+from sde import randomness
+
 Tensor = torch.Tensor
 
 #: Ho et al.'s linear schedule, beta_i = linspace(1e-4, 0.02, 1000), as a continuous-time
@@ -108,11 +110,8 @@ class SDE(abc.ABC):
     def prior_sampling(self, shape, generator: torch.Generator | None = None,
                        device: torch.device | str | None = None,
                        dtype: torch.dtype = torch.float32) -> Tensor:
-        """Draw x_T ~ N(0, prior_std^2 I)."""
-        if generator is not None and device is None:
-            device = generator.device
-        z = torch.randn(shape, generator=generator, device=device, dtype=dtype)
-        return self.prior_std * z
+        """Draw x_T ~ N(0, prior_std^2 I), on ``device`` (default: the generator's)."""
+        return self.prior_std * randomness.randn(shape, generator=generator, device=device, dtype=dtype)
 
     def prior_logp(self, z: Tensor) -> Tensor:
         """log N(z; 0, prior_std^2 I), summed over all but the batch dimension."""

@@ -57,9 +57,10 @@ class Workdir:
     def schedules(self) -> Path:
         return self._sub("schedules")
 
-    def write_config(self, config) -> None:
-        """Freeze the resolved config into ``config.json`` (atomically)."""
-        self.write_json("config.json", config.to_dict())
+    def write_config(self, config, environment: dict | None = None) -> None:
+        """Freeze the resolved config into ``config.json`` (atomically), with what the run
+        ran on under ``"environment"`` (``sde.environment``; not a config key)."""
+        self.write_json("config.json", {**config.to_dict(), **({"environment": environment} if environment else {})})
 
     def write_json(self, name: str, payload: dict) -> Path:
         """Write ``payload`` as indented JSON to ``root/name`` (atomically); returns the path."""

@@ -116,6 +116,7 @@ def test_align_steps_mode_writes_a_schedule_that_sample_mode_uses(tiny_run):
     assert saved["t"] == record["t"] and len(saved["t"]) == 4 and saved["t"][0] == 1.0
     assert saved["t"][-1] == 1e-3 and saved["initial_schedule"] == "log_snr"
     assert len(saved["klub_fitted"]) == 3 and str(path) in record["message"]
+    assert saved["environment"]["device"] == "cpu"
 
     config.sampling.options.schedule = str(path)
     config.sampling.num_samples = config.sampling.batch_size = 2

@@ -27,6 +27,7 @@ def test_eval_mode_writes_report(tiny_run):
     assert saved["samples"]["num_samples"] == 8 and saved["samples"]["fid"] > 0
     assert sum(saved["samples"]["classifier"]["class_histogram"]) == 8
     assert "FID" in report["message"] and "bits/dim (ODE)" in report["message"]
+    assert saved["environment"]["device"] == "cpu" and saved["environment"]["processes"] == 1
     assert any(p.name.startswith("inception_mnist_test-") for p in (workdir / "eval").iterdir())
 
 
@@ -43,5 +44,6 @@ def test_compare_mode_writes_tables_and_plot(tiny_run):
     assert [row["run"] for row in rows] == ["ddim:3", "dpm_solver:3:order=2"]
     assert all(float(row["fid"]) > 0 for row in rows)
     assert (out / "fid_vs_nfe.png").stat().st_size > 0 and (out / "results.md").exists()
-    assert json.loads((out / "results.json").read_text())["num_samples"] == 8
+    saved = json.loads((out / "results.json").read_text())
+    assert saved["num_samples"] == 8 and saved["environment"]["device"] == "cpu"
 

@@ -14,6 +14,8 @@ from dataclasses import dataclass
 import ml_collections
 import torch
 
+from sde import randomness
+
 Tensor = torch.Tensor
 
 #: The kinds of examples: uint8 images [N, C, H, W] (scaled by ``sde.data.scaling``, shown
@@ -138,5 +140,5 @@ def evaluation_subset(images: Tensor, labels: Tensor | None, count: int, seed: i
     """
     if count <= 0 or count >= len(images):
         return images, labels
-    order = torch.randperm(len(images), generator=torch.Generator().manual_seed(seed))[:count]
+    order = randomness.randperm(len(images), generator=torch.Generator().manual_seed(seed))[:count]
     return images[order], None if labels is None else labels[order]

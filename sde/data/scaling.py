@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import torch
 
+from sde import randomness
+
 Tensor = torch.Tensor
 
 #: 8-bit pixels: u in {0, ..., NUM_PIXEL_LEVELS - 1}.
@@ -32,7 +34,7 @@ def uint8_to_float(images: Tensor, *, dequantize: bool, generator: torch.Generat
     pixels = images.to(torch.float32)
     if not dequantize:
         return pixels / MAX_PIXEL_VALUE * 2 - 1
-    noise = torch.rand(images.shape, generator=generator, dtype=torch.float32, device=images.device)
+    noise = randomness.rand(images.shape, generator=generator, dtype=torch.float32, device=images.device)
     return (pixels + noise) / NUM_PIXEL_LEVELS * 2 - 1
 
 
@@ -43,7 +45,7 @@ def training_view(batch: Tensor, *, random_flip: bool, dequantize: bool,
     if batch.dtype != torch.uint8:
         return batch
     if random_flip:
-        flip = torch.rand(len(batch), generator=generator) < 0.5
+        flip = randomness.rand(len(batch), generator=generator, device=batch.device) < 0.5
         batch = torch.where(flip[:, None, None, None], batch.flip(-1), batch)
     return uint8_to_float(batch, dequantize=dequantize, generator=generator)
 

@@ -9,6 +9,7 @@ from collections.abc import Mapping
 import ml_collections
 import torch
 
+from sde import randomness
 from sde.data.datasets import load_dataset
 from sde.data.scaling import training_view
 from sde.data.seeds import AUGMENTATION_STREAM, PERMUTATION_STREAM, derived_generator
@@ -82,7 +83,7 @@ class BatchStream:
         if self.position + self.batch_size > len(self.data):
             self.epoch, self.position = self.epoch + 1, 0
         if self._order_epoch != self.epoch:
-            self._order = torch.randperm(len(self.data), generator=derived_generator(PERMUTATION_STREAM, self.seed,
+            self._order = randomness.randperm(len(self.data), generator=derived_generator(PERMUTATION_STREAM, self.seed,
                                                                                self.epoch))
             self._order_epoch = self.epoch
         global_indices = self._order[self.position:self.position + self.batch_size]

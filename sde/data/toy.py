@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import ml_collections
 import torch
 
+from sde import randomness
 from sde.data.datasets import Dataset, register
 from sde.data.seeds import TOY_STREAM, derived_generator
 
@@ -52,8 +53,8 @@ class GaussianMixture:
 
     def sample(self, num_samples: int, generator: torch.Generator) -> Tensor:
         """float32 [num_samples, D]: component k ~ weights, then mu_k + chol(Sigma_k) z."""
-        components = torch.multinomial(self.weights, num_samples, replacement=True, generator=generator)
-        normal = torch.randn(num_samples, self.means.shape[1], generator=generator, dtype=torch.float64)
+        components = randomness.multinomial(self.weights, num_samples, replacement=True, generator=generator)
+        normal = randomness.randn((num_samples, self.means.shape[1]), generator=generator, dtype=torch.float64)
         cholesky = torch.linalg.cholesky(self.covariances)
         points = self.means[components] + torch.einsum("nij,nj->ni", cholesky[components], normal)
         return points.to(torch.float32)
@@ -77,10 +78,10 @@ def toy_mixture(name: str) -> GaussianMixture:
 
 def sample_spiral(num_samples: int, generator: torch.Generator) -> Tensor:
     """float32 [num_samples, 2] on the noisy spiral documented at ``SPIRAL_TURNS``."""
-    radius = torch.rand(num_samples, generator=generator, dtype=torch.float64).sqrt()
+    radius = randomness.rand(num_samples, generator=generator, dtype=torch.float64).sqrt()
     angle = 2 * math.pi * SPIRAL_TURNS * radius
     points = radius[:, None] * torch.stack([angle.cos(), angle.sin()], dim=1)
-    noise = SPIRAL_NOISE_STD * torch.randn(num_samples, 2, generator=generator, dtype=torch.float64)
+    noise = SPIRAL_NOISE_STD * randomness.randn((num_samples, 2), generator=generator, dtype=torch.float64)
     return (points + noise).to(torch.float32)
 
 

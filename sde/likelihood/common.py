@@ -17,11 +17,6 @@ Tensor = torch.Tensor
 DEFAULT_EPS = 1e-5
 
 
-def generator_device(generator: torch.Generator | None, fallback: torch.device) -> torch.device:
-    """Where ``generator`` draws (a CPU generator cannot fill a CUDA tensor)."""
-    return generator.device if generator is not None else fallback
-
-
 def counted_network(model: Model, x: Tensor) -> tuple[CountedModel, torch.device]:
     """The network counted and called in its own dtype (a plain callable: ``x``'s floating
     dtype, else float32), and the device the estimate runs on (the network's, else ``x``'s).

@@ -43,7 +43,7 @@ import math
 import torch
 
 from sde.data import MAX_PIXEL_VALUE, NUM_PIXEL_LEVELS, uint8_to_float
-from sde.likelihood.common import generator_device
+from sde import randomness
 from sde.sdes import SDE
 
 Tensor = torch.Tensor
@@ -99,8 +99,7 @@ def truncated_normal_dequantization(sde: SDE, images: Tensor, truncation: float,
         centers = uint8_to_float(images, dequantize=False).double()
     # inverse-CDF draws of N(0, 1) truncated to [-tau, tau]
     low = torch.special.ndtr(torch.tensor(-truncation, dtype=torch.float64)).item()
-    uniforms = torch.rand(images.shape, generator=generator, dtype=torch.float64,
-                          device=generator_device(generator, images.device)).to(images.device)
+    uniforms = randomness.rand(images.shape, generator=generator, dtype=torch.float64, device=images.device)
     z = torch.special.ndtri(low + (1.0 - 2.0 * low) * uniforms)
     log_mass = math.log(math.erf(truncation / math.sqrt(2.0)))
     log_q = (-math.log(sigma * math.sqrt(2.0 * math.pi)) - log_mass - 0.5 * z ** 2).flatten(1).sum(1)

@@ -49,8 +49,9 @@ from typing import Callable
 import torch
 
 from sde.data import MAX_PIXEL_VALUE, uint8_to_float
+from sde import randomness
 from sde.likelihood.common import (DEFAULT_EPS, CountedModel, Model, check_eps, check_images, counted_network,
-                                   generator_device, mean_and_standard_error)
+                                   mean_and_standard_error)
 from sde.likelihood.dequantization import DEQUANTIZED_SLOPE, PLAIN_SLOPE, dequantized_bits_per_dim
 from sde.sdes import SDE, broadcast_to
 
@@ -67,8 +68,7 @@ DEFENSIVE_FRACTION = 0.1
 def _stratified_uniform(batch: int, num_times: int, generator: torch.Generator | None,
                         device: torch.device) -> Tensor:
     """[batch, num_times] points in [0, 1), one uniform in each stratum [k/K, (k+1)/K)."""
-    offsets = torch.rand(batch, num_times, generator=generator, dtype=torch.float64,
-                         device=generator_device(generator, device)).to(device)
+    offsets = randomness.rand((batch, num_times), generator=generator, dtype=torch.float64, device=device)
     return (torch.arange(num_times, dtype=torch.float64, device=device) + offsets) / num_times
 
 
@@ -150,8 +150,8 @@ class LogSnrProposal:
         count = int(occupied.sum())
         pilot_mass = occupied.double() / count
         ranks = torch.cumsum(occupied.long(), 0) - 1
-        offsets = torch.rand(pilot_size, self.base.numel(), generator=generator, dtype=torch.float64,
-                             device=generator_device(generator, self.base.device)).to(self.base.device)
+        offsets = randomness.rand((pilot_size, self.base.numel()), generator=generator, dtype=torch.float64,
+                                  device=self.base.device)
         root_mean_square = torch.zeros_like(self.base)
         for j in torch.nonzero(occupied).flatten().tolist():
             points, _ = self.draw((ranks[j] + offsets[:, j]) / count, pilot_mass)
@@ -168,8 +168,7 @@ class LogSnrProposal:
 def _noise_errors(model: CountedModel, alpha: Tensor, sigma: Tensor, t: Tensor, x0: Tensor,
                   generator: torch.Generator | None) -> tuple[Tensor, Tensor]:
     """(||z - eps_theta(alpha x0 + sigma z, t)||^2, ||z||^2 - D) per sample, z ~ N(0, I)."""
-    noise = torch.randn(x0.shape, generator=generator, dtype=torch.float64,
-                        device=generator_device(generator, x0.device)).to(x0.device)
+    noise = randomness.randn(x0.shape, generator=generator, dtype=torch.float64, device=x0.device)
     x_t = broadcast_to(alpha, x0) * x0 + broadcast_to(sigma, x0) * noise
     with torch.no_grad():
         eps = model(x_t, t).double()
@@ -307,8 +306,7 @@ def ddpm_negative_elbo(model: Model, sde: SDE, images: Tensor, *, num_times: int
     prior = _gaussian_kl_to_prior(alpha[-1] * x0, sigma[-1], 1.0)
     diffusion = _diffusion_term(integrand, proposal, x0, num_times, generator)
 
-    noise = torch.randn(x0.shape, generator=generator, dtype=torch.float64,
-                        device=generator_device(generator, device)).to(device)
+    noise = randomness.randn(x0.shape, generator=generator, dtype=torch.float64, device=device)
     x1 = alpha[0] * x0 + sigma[0] * noise
     with torch.no_grad():
         eps = counted(x1, times[0]).double()

@@ -38,8 +38,9 @@ import torch
 import torchdiffeq
 
 from sde.data import uint8_to_float
+from sde import randomness
 from sde.likelihood.common import (DEFAULT_EPS, CountedModel, Model, check_choice, check_eps, check_images,
-                                   counted_network, generator_device, mean_and_standard_error)
+                                   counted_network, mean_and_standard_error)
 from sde.likelihood.dequantization import (DEFAULT_TRUNCATION, DEQUANTIZATIONS, dequantized_bits_per_dim,
                                            truncated_normal_dequantization, truncation_time)
 from sde.sdes import SDE
@@ -59,13 +60,10 @@ DEFAULT_ATOL = 1e-4
 
 def _draw_probe(divergence: str, like: Tensor, generator: torch.Generator | None) -> Tensor:
     """One Hutchinson probe per sample, E[v v^T] = I: Rademacher signs or N(0, I) (float64)."""
-    device = generator_device(generator, like.device)
     if divergence == "rademacher":
-        signs = torch.randint(0, 2, like.shape, generator=generator, device=device)
-        probe = 2.0 * signs.double() - 1.0
-    else:
-        probe = torch.randn(like.shape, generator=generator, device=device, dtype=torch.float64)
-    return probe.to(like.device)
+        signs = randomness.randint(0, 2, like.shape, generator=generator, device=like.device)
+        return 2.0 * signs.double() - 1.0
+    return randomness.randn(like.shape, generator=generator, device=like.device, dtype=torch.float64)
 
 
 class _AugmentedFlow:

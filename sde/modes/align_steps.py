@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from sde import configuration, data, samplers
+from sde import configuration, data, environment, randomness, samplers
 from sde.checks import positive_int, require
 from sde.configuration import sampler_options
 from sde.distributed import resolve_device
@@ -33,7 +33,7 @@ def training_data_source(config) -> align_steps.DataSource:
     points, _ = data.load_dataset(config)
 
     def draw(count: int, generator: torch.Generator) -> torch.Tensor:
-        batch = points[torch.randint(len(points), (count,), generator=generator)]
+        batch = points[randomness.randint(0, len(points), (count,), generator=generator)]
         return data.training_view(batch, random_flip=config.data.random_flip,
                                   dequantize=config.data.dequantize, generator=generator).to(torch.float32)
 
@@ -69,8 +69,9 @@ def align(config, workdir: str | Path) -> dict[str, Any]:
         raise ValueError("sampling.options.schedule is an explicit schedule; align_steps starts "
                          "from a named one (uniform, quadratic, log_snr, karras) or the sampler's default")
     settings = config.align_steps
-    model, source, step = load_ema_model(config, workdir, resolve_device(config.device),
-                                         config.sampling.checkpoint)
+    device = resolve_device(config.device)
+    model, source, step = load_ema_model(config, workdir, device, config.sampling.checkpoint)
+    running_on = environment.announce(device, model=model)
     generator = torch.Generator().manual_seed(config.seed)
     start = time.perf_counter()
     log_every = max(1, settings.iterations // 10)
@@ -93,7 +94,7 @@ def align(config, workdir: str | Path) -> dict[str, Any]:
               "klub_fitted_total": sum(info["klub_fitted"]),
               "network_evaluations": info["network_evaluations"], "wall_time_s": wall_time,
               "settings": settings.to_dict(), "seed": config.seed, "data_split": config.data.split,
-              "checkpoint": source, "checkpoint_step": step, "sde": repr(sde)}
+              "checkpoint": source, "checkpoint_step": step, "sde": repr(sde), "environment": running_on}
     eps_text = f"{record['eps']:g}"
     path = run.write_json(f"{run.schedules.name}/align_steps_{steps}steps_eps{eps_text}.json", record)
     record["message"] = (f"fitted {steps} levels in {wall_time:.0f} s: KLUB "

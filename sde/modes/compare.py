@@ -16,7 +16,7 @@ import io
 from pathlib import Path
 from typing import Any
 
-from sde import configuration, data, distributed, images, samplers
+from sde import configuration, data, distributed, environment, images, samplers
 from sde.checkpoint import atomic_write
 from sde.checks import positive_int
 from sde.inference import load_ema_model
@@ -89,6 +89,7 @@ def compare(config, workdir: str | Path) -> dict[str, Any]:
     device = context.device
     sde = create_sde(config)
     model, source, step = load_ema_model(config, workdir, device, config.sampling.checkpoint)
+    running_on = environment.announce(device, processes=context.world_size, model=model, show=context.is_main)
     inception = inception_for(config, device)
     reference = reference_features(config, run, inception, shard=context.shard)
 
@@ -113,7 +114,8 @@ def compare(config, workdir: str | Path) -> dict[str, Any]:
 
     if not context.is_main:
         return {}
-    output = {"checkpoint": source, "checkpoint_step": step, "num_samples": config.compare.num_samples,
+    output = {"checkpoint": source, "checkpoint_step": step, "environment": running_on,
+              "num_samples": config.compare.num_samples,
               "seed": config.sampling.seed, "results": results}
     images.save_json(output, run.compare / "results.json")
     buffer = io.StringIO()

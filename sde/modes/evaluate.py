@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from sde import configuration, data, distributed, images, likelihood
+from sde import configuration, data, distributed, environment, images, likelihood
 from sde.checks import positive_int, require
 from sde.configuration import sampler_options
 from sde.inference import load_ema_model
@@ -145,7 +145,9 @@ def evaluate(config, workdir: str | Path) -> dict[str, Any]:
     eval_cfg = config.eval
     sde = create_sde(config)
     model, source, step = load_ema_model(config, workdir, device, config.sampling.checkpoint)
-    report: dict[str, Any] = {"checkpoint": source, "checkpoint_step": step, "sde": repr(sde)}
+    running_on = environment.announce(device, processes=context.world_size, model=model, show=context.is_main)
+    report: dict[str, Any] = {"checkpoint": source, "checkpoint_step": step, "sde": repr(sde),
+                              "environment": running_on}
 
     if data.get_dataset(config.data.dataset).is_image:
         heldout, _ = data.evaluation_subset(*data.load_dataset(config, split=eval_cfg.heldout_split),

@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from sde import checkpoint, configuration
+from sde import checkpoint, configuration, environment
 from sde.inference import load_ema_model
 from sde.workdir import Workdir
 
@@ -50,6 +50,7 @@ def export(config, workdir: str | Path) -> dict[str, Any]:
     run = Workdir(workdir)
     model, source, step = load_ema_model(config, workdir, torch.device("cpu"),
                                          config.sampling.checkpoint)
+    environment.announce(torch.device("cpu"), model=model)  # exporting copies weights on the CPU
     metadata = {"step": str(step), "source": portable_path(source, run.root),
                 "config": json.dumps(config.to_dict(), sort_keys=True, default=list)}
     summary_path = run.root / "train_summary.json"

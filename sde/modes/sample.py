@@ -25,7 +25,7 @@ from typing import Any, BinaryIO, Iterable, Iterator
 import numpy as np
 import torch
 
-from sde import configuration, data, distributed, images, samplers
+from sde import configuration, data, distributed, environment, images, randomness, samplers
 from sde.checkpoint import atomic_write
 from sde.configuration import sampler_options
 from sde.generation import generate, sample_generators
@@ -61,7 +61,7 @@ def _trajectory(config, model, sde, device, options) -> np.ndarray:
 
     real, _ = data.load_dataset(config, split=data.get_dataset(config.data.dataset).preview_split)
     x0 = data.uint8_to_float(real[:TRAJECTORY_ROWS], dequantize=False)
-    noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(config.sampling.seed))
+    noise = randomness.randn(x0.shape, generator=torch.Generator().manual_seed(config.sampling.seed))
     forward = []
     for t in reversed(shown_t):
         t_tensor = torch.tensor([t], dtype=torch.float64)
@@ -156,6 +156,8 @@ def sample(config, workdir: str | Path) -> dict[str, Any]:
     run = Workdir(workdir, create=context.is_main)
     sde = create_sde(config)
     model, source, step = load_ema_model(config, workdir, context.device, config.sampling.checkpoint)
+    running_on = environment.announce(context.device, processes=context.world_size, model=model,
+                                      show=context.is_main)
     cfg = config.sampling
     options = sampler_options(config)
     name = f"{cfg.method}_{cfg.steps}steps_seed{cfg.seed}"
@@ -199,7 +201,7 @@ def sample(config, workdir: str | Path) -> dict[str, Any]:
               "resolved_options": samplers.reported_options(cfg.method, sde, options), "steps": cfg.steps,
               "nfe_per_sample": nfe, "num_samples": cfg.num_samples, "seed": cfg.seed,
               "wall_time_s": wall_time, "processes": context.world_size,
-              "checkpoint": source, "checkpoint_step": step, "sde": repr(sde),
+              "checkpoint": source, "checkpoint_step": step, "sde": repr(sde), "environment": running_on,
               "files": {"grid": f"{name}.png", "samples": f"{name}.npz"}}
     images.save_json(record, samples_dir / f"{name}.json")
     record["message"] = (f"{cfg.num_samples} samples with {cfg.method} ({nfe} NFE each) in "

@@ -23,7 +23,7 @@ import torch
 from torch.utils.tensorboard import SummaryWriter
 from tqdm.auto import tqdm
 
-from sde import checkpoint, configuration, data, distributed, samplers
+from sde import checkpoint, configuration, data, distributed, environment, randomness, samplers
 from sde.checks import positive_int, require
 from sde.configuration import sampler_options
 from sde.inference import load_weights
@@ -75,18 +75,20 @@ def autocast_context(device: torch.device, enabled: bool):
     return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
 
 
-def _rng_state(noise_generator: torch.Generator) -> dict[str, Any]:
-    state = {"torch": torch.get_rng_state(), "noise": noise_generator.get_state()}
+def rng_state(noise_generator: torch.Generator) -> dict[str, Any]:
+    """Every RNG state a resume needs, as CPU tensors (``sde.randomness``)."""
+    state = {"torch": randomness.get_state(), "noise": randomness.get_state(noise_generator)}
     if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+        state["cuda"] = [cuda_state.cpu() for cuda_state in torch.cuda.get_rng_state_all()]
     return state
 
 
-def _set_rng_state(state: dict[str, Any], noise_generator: torch.Generator) -> None:
-    torch.set_rng_state(state["torch"])
-    noise_generator.set_state(state["noise"])
+def set_rng_state(state: dict[str, Any], noise_generator: torch.Generator) -> None:
+    """Restore ``rng_state``'s states, wherever a checkpoint load put the tensors."""
+    randomness.set_state(state["torch"])
+    randomness.set_state(state["noise"], noise_generator)
     if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+        torch.cuda.set_rng_state_all([cuda_state.cpu() for cuda_state in state["cuda"]])
 
 
 class _StopRequest:
@@ -174,6 +176,8 @@ def train(config, workdir: str | Path) -> dict[str, Any]:
     model = create_model(config).to(device)
     if context.world_size > 1:
         torch.manual_seed(config.seed + context.rank)  # dropout differs per rank; noise does not
+    running_on = environment.announce(device, processes=context.world_size, model=model,
+                                      autocast="bf16" if train_cfg.amp else "none", show=context.is_main)
     if context.is_main:
         print(f"model: {config.model.name}, {count_parameters(model):,} parameters", flush=True)
     ema = EMA(model, config.model.ema_rate)
@@ -194,7 +198,7 @@ def train(config, workdir: str | Path) -> dict[str, Any]:
         checkpoint.load_model_weights(ema.model, state["ema"], f"EMA of checkpoint of step {step}")
         optimizer.load_state_dict(state["optimizer"])
         stream.load_state_dict(state["data"])
-        _set_rng_state(state["rng"], noise_generator)
+        set_rng_state(state["rng"], noise_generator)
         if context.is_main:
             print(f"resumed from {run.checkpoints}/checkpoint_{step}.pt (step {step})", flush=True)
     elif train_cfg.init_weights:  # fine-tuning: step 0 and a fresh optimizer, given weights
@@ -203,7 +207,7 @@ def train(config, workdir: str | Path) -> dict[str, Any]:
         if context.is_main:
             print(f"initialised from {train_cfg.init_weights} (its step {source_step})", flush=True)
     if context.is_main:
-        run.write_config(config)
+        run.write_config(config, environment=running_on)
 
     train_model = model
     if context.world_size > 1:
@@ -213,7 +217,7 @@ def train(config, workdir: str | Path) -> dict[str, Any]:
     def training_state() -> dict[str, Any]:
         return {"model": model.state_dict(), "ema": ema.model.state_dict(),
                 "optimizer": optimizer.state_dict(), "step": step,
-                "data": stream.state_dict(), "rng": _rng_state(noise_generator),
+                "data": stream.state_dict(), "rng": rng_state(noise_generator),
                 "wall_time_s": earlier_wall_time + time.perf_counter() - start}
 
     def snapshot() -> None:
@@ -300,7 +304,8 @@ def train(config, workdir: str | Path) -> dict[str, Any]:
                "last_loss": last_loss,
                "mean_loss_last_steps": sum(recent_losses) / max(1, len(recent_losses)),
                "last_steps": len(recent_losses), "bad_steps": bad_steps_total,
-               "parameters": count_parameters(model), "interrupted": stop.signal_name}
+               "parameters": count_parameters(model), "interrupted": stop.signal_name,
+               "environment": running_on}
     if context.is_main:
         run.write_json("train_summary.json", summary)
     distributed.barrier()

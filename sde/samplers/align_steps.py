@@ -39,6 +39,7 @@ from typing import Callable
 
 import torch
 
+from sde import randomness
 from sde.network import CountedModel
 from sde.samplers.schedules import time_steps
 
@@ -79,9 +80,9 @@ class IntervalDraws:
 
     def __init__(self, draw_data: DataSource, batch_size: int, generator: torch.Generator):
         self.x0 = draw_data(batch_size, generator).to(torch.float64)
-        self.z = torch.randn(self.x0.shape, generator=generator, dtype=torch.float64)
-        self.z_start = torch.randn(self.x0.shape, generator=generator, dtype=torch.float64)
-        self.v = torch.rand(batch_size, generator=generator, dtype=torch.float64)
+        self.z = randomness.randn(self.x0.shape, generator=generator, dtype=torch.float64)
+        self.z_start = randomness.randn(self.x0.shape, generator=generator, dtype=torch.float64)
+        self.v = randomness.rand(batch_size, generator=generator, dtype=torch.float64)
 
     def pairs(self, start: Tensor, end: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """(y_s, y_start, s, Z) on the interval from level ``start`` down to ``end`` (0-d

@@ -20,6 +20,7 @@ from typing import Any, Callable, Sequence
 
 import torch
 
+from sde import randomness
 from sde.network import CountedModel
 
 Tensor = torch.Tensor
@@ -96,9 +97,7 @@ class NoiseSource:
         self.dtype = dtype
 
     def _draw(self, shape: Sequence[int], generator: torch.Generator | None) -> Tensor:
-        device = self.device if generator is None else generator.device
-        z = torch.randn(tuple(shape), generator=generator, device=device, dtype=self.dtype)
-        return z.to(self.device)
+        return randomness.randn(tuple(shape), generator=generator, device=self.device, dtype=self.dtype)
 
     def randn(self, shape: Sequence[int]) -> Tensor:
         """N(0, I) of ``shape`` (shape[0] is the batch), as float64."""

@@ -19,6 +19,8 @@ import math
 
 import torch
 
+from sde import randomness
+
 Tensor = torch.Tensor
 
 
@@ -72,6 +74,6 @@ class GaussianMixtureOracle:
 
     def sample(self, n: int, generator: torch.Generator) -> Tensor:
         """n draws from the data distribution (float64)."""
-        component = torch.multinomial(self.weights, n, replacement=True, generator=generator)
-        z = torch.randn(n, self.means.shape[1], generator=generator, dtype=torch.float64)
+        component = randomness.multinomial(self.weights, n, replacement=True, generator=generator)
+        z = randomness.randn((n, self.means.shape[1]), generator=generator, dtype=torch.float64)
         return self.means[component] + self.stds[component] * z
