@@ -29,6 +29,7 @@ from evaluation.classifier import (
     images_to_input,
     load_classifier,
 )
+from sde import randomness
 from sde.data import load_mnist
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -53,7 +54,7 @@ def random_affine(
     bilinear sampling and zero (background) fill."""
     batch, _, height, _ = x.shape
     def uniform(bound: float) -> torch.Tensor:
-        return (2 * torch.rand(batch, generator=generator) - 1) * bound
+        return (2 * randomness.rand(batch, generator=generator) - 1) * bound
     angle = torch.deg2rad(uniform(max_degrees))
     scale = 1 + uniform(max_scale_change)
     shift = torch.stack([uniform(max_shift_pixels), uniform(max_shift_pixels)], dim=1) * 2 / height  # to [-1, 1] units
@@ -90,7 +91,7 @@ def train(args: argparse.Namespace) -> dict:
     start_time = time.time()
     for epoch in range(args.epochs):
         classifier.train()
-        order = torch.randperm(len(inputs), generator=generator)
+        order = randomness.randperm(len(inputs), generator=generator)
         loss_sum = 0.0
         for start in range(0, len(inputs), args.batch_size):
             index = order[start:start + args.batch_size]
