@@ -3,7 +3,7 @@
 Every key is read by the toolkit (``tests/test_configs.py`` checks that no key is unused).
 """
 import ml_collections
-from ml_collections.config_dict import placeholder
+from ml_collections.config_dict import FieldReference, placeholder
 
 from sde.samplers import config_options
 
@@ -12,6 +12,7 @@ def get_default_config() -> ml_collections.ConfigDict:
     config = ml_collections.ConfigDict()
     config.seed = 0
     config.device = "auto"  # "auto" picks cuda when available, else cpu; or "cpu", "cuda:0"
+    config.tf32 = True      # TF32 matmuls and convolutions on CUDA GPUs that have them (Ampere+)
 
     config.data = data = ml_collections.ConfigDict()
     data.dataset = "mnist"        # mnist | cifar10 | toy
@@ -55,7 +56,10 @@ def get_default_config() -> ml_collections.ConfigDict:
     training.lr = 2e-4
     training.warmup = 500
     training.grad_clip = 1.0
-    training.amp = False          # bf16 autocast (cpu) / fp16-bf16 (cuda)
+    # autocast precision of the training step: none | bf16 (CPUs with AVX512-BF16 or AMX, Ampere+
+    # GPUs) | fp16 (GPUs; with a gradient scaler). True / False of older configs: bf16 / none.
+    training.amp = FieldReference("none", field_type=object)
+    training.compile = False      # torch.compile the network for training (GPUs; slow to start)
     training.continuous = True    # False: discrete DDPM L_simple over integer steps
     training.likelihood_weighting = False
     training.importance_sampling = True  # only with likelihood_weighting

@@ -8,7 +8,7 @@ splits ship inside the package, so it runs with no data files and no internet. I
 from ``mnist_vp.py`` only where a 2-hour budget on 2 CPU cores asks for it: bf16 autocast,
 a higher learning rate with a short warm-up, so the network gets further in few steps, and
 snapshots every 500 steps. On a CPU without bf16 support (no AVX512-BF16 or AMX) add
-``--config.training.amp=False``: autocast there is far slower than fp32 (BENCHMARKS.md,
+``--config.training.amp=none``: autocast there is far slower than fp32 (BENCHMARKS.md,
 training throughput).
 """
 from configs.mnist_vp import get_config as get_mnist_vp_config
@@ -19,7 +19,7 @@ def get_config():
     config.data.split = "test"
     config.eval.heldout_split = "train5k"
     config.training.n_iters = 6000
-    config.training.amp = True
+    config.training.amp = "bf16"
     config.training.lr = 5e-4
     config.training.warmup = 200
     config.training.snapshot_freq = 500

@@ -13,6 +13,7 @@ from typing import Any
 from sde import data, samplers
 from sde.checkpoint import CheckpointError
 from sde.checks import positive_int, require
+from sde.distributed import parse_device
 from sde.models import check_model_config
 from sde.sdes import SDES, create_sde
 from sde.workdir import WorkdirError
@@ -36,6 +37,8 @@ def validate(config) -> None:
     require(config.sde.schedule in SCHEDULES,
             f"unknown sde.schedule {config.sde.schedule!r}; accepted: {', '.join(SCHEDULES)}")
     positive_int(config.sde.num_scales, "sde.num_scales")
+    parse_device(config.device)
+    require(isinstance(config.tf32, bool), f"tf32 must be True or False, got {config.tf32!r}")
     check_model_config(config)
     data.validate_data_config(config)
 

@@ -34,23 +34,39 @@ class Context:
         return self.rank, self.world_size
 
 
-def resolve_device(name: str, local_rank: int = 0) -> torch.device:
-    """``"auto"``: the local rank's GPU when CUDA is available, else the CPU."""
+def parse_device(name: str, local_rank: int = 0) -> torch.device:
+    """The device ``config.device`` names: ``"auto"`` is the local rank's GPU when CUDA is
+    available, else the CPU; a ValueError names what is accepted."""
     if name == "auto":
-        return torch.device(f"cuda:{local_rank}") if torch.cuda.is_available() else torch.device("cpu")
-    device = torch.device(name)
+        device = torch.device(f"cuda:{local_rank}") if torch.cuda.is_available() else torch.device("cpu")
+    else:
+        try:
+            device = torch.device(name)
+        except RuntimeError:
+            raise ValueError(f"device={name!r} is not a device; accepted: 'auto', 'cpu', 'cuda', 'cuda:N'") from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device={name!r} but CUDA is not available; accepted here: 'auto', 'cpu'")
     return device
 
 
-def setup(device_name: str) -> Context:
+def resolve_device(name: str, local_rank: int = 0, tf32: bool = True) -> torch.device:
+    """``parse_device``, set up for the run: on a CUDA device ``tf32`` lets float32 matmuls and
+    convolutions use TF32 tensor cores (Ampere and later: a 10-bit mantissa in the products,
+    float32 accumulation); it changes nothing on a CPU."""
+    device = parse_device(name, local_rank)
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = tf32
+        torch.backends.cudnn.allow_tf32 = tf32
+    return device
+
+
+def setup(device_name: str, tf32: bool = True) -> Context:
     """Initialise the process group when launched by torchrun; return this rank's context."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     if world_size == 1:
-        return Context(0, 1, resolve_device(device_name))
+        return Context(0, 1, resolve_device(device_name, tf32=tf32))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    device = resolve_device(device_name, local_rank)
+    device = resolve_device(device_name, local_rank, tf32)
     if device.type == "cuda":
         torch.cuda.set_device(device)
     if not dist.is_initialized():

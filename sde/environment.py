@@ -37,14 +37,18 @@ def describe(device: torch.device, *, processes: int = 1, dtype: torch.dtype = t
     """The run's device (``cuda:0``, ``cpu``), its name, the parameters' dtype, the autocast
     precision (``none``, ``bf16``, ``fp16``), the torch version, the number of processes,
     and the CPU threads of each."""
-    return {"device": str(device), "device_name": device_name(device), "dtype": str(dtype).replace("torch.", ""),
-            "autocast": autocast, "torch": torch.__version__, "processes": processes,
-            "threads": torch.get_num_threads(), "cores": os.cpu_count()}
+    described = {"device": str(device), "device_name": device_name(device),
+                 "dtype": str(dtype).replace("torch.", ""), "autocast": autocast, "torch": torch.__version__,
+                 "processes": processes, "threads": torch.get_num_threads(), "cores": os.cpu_count()}
+    if device.type == "cuda":
+        described["tf32"] = torch.backends.cuda.matmul.allow_tf32
+    return described
 
 
 def line(described: dict[str, Any]) -> str:
     """``describe``'s dict as the one line a mode prints at start."""
     autocast = "" if described["autocast"] == "none" else f", {described['autocast']} autocast"
+    autocast += ", TF32" if described.get("tf32") else ""
     processes = described["processes"]
     return (f"device: {described['device']} ({described['device_name']}), {described['dtype']}{autocast}; "
             f"torch {described['torch']}; {processes} process{'es' if processes != 1 else ''}, "

@@ -143,3 +143,42 @@ def test_ema_decay_ramps_up_so_the_initial_weights_fade():
         expected *= ema.decay(n)
     assert expected < 1e-20
     assert abs(initial_weight - expected) < 1e-6  # float32 resolution near 1
+
+
+def test_amp_takes_none_bf16_fp16_and_the_booleans_of_older_configs():
+    from sde.modes.train import check, precision
+
+    assert [precision(value) for value in (False, True, None, "none", "bf16", "fp16")] == \
+        ["none", "bf16", "none", "none", "bf16", "fp16"]
+    config = tiny_config()
+    config.training.amp = "fp8"
+    with pytest.raises(ValueError, match=r"training.amp must be one of none, bf16, fp16 .*got 'fp8'"):
+        check(config)
+    config.training.amp = True  # a config written before the precisions had names
+    check(config)
+
+
+def test_fp16_training_scales_the_loss_and_resumes_with_the_scalers_state(tmp_path):
+    """fp16 autocast trains with a gradient scaler (Micikevicius et al. 2018) whose state is part
+    of the checkpoint: a resumed run continues its growth count instead of starting over."""
+    first = tiny_config(amp="fp16", n_iters=3)
+    first.training.grad_clip = 0.0
+    summary = train(first, tmp_path)
+    scaler = checkpoint.load_checkpoint(tmp_path / "checkpoints" / "checkpoint_3.pt")["scaler"]
+    assert summary["step"] == 3 and scaler["scale"] > 0
+    taken = 3 - summary["overflow_steps"]
+    assert scaler["_growth_tracker"] == taken
+    resumed = tiny_config(amp="fp16", n_iters=6)
+    resumed.training.grad_clip = 0.0
+    summary = train(resumed, tmp_path)
+    final = checkpoint.load_checkpoint(tmp_path / "checkpoints" / "checkpoint_6.pt")
+    assert summary["step"] == 6 and torch.isfinite(torch.tensor(summary["last_loss"]))
+    if summary["overflow_steps"] == 0:  # no overflow since the resume: the count went on from 3
+        assert final["scaler"]["_growth_tracker"] == taken + 3
+    assert json.loads((tmp_path / "train_summary.json").read_text())["environment"]["autocast"] == "fp16"
+
+
+@pytest.mark.slow
+def test_compiled_training_runs(tmp_path):
+    summary = train(tiny_config(compile=True, n_iters=2), tmp_path)
+    assert summary["step"] == 2 and torch.isfinite(torch.tensor(summary["last_loss"]))

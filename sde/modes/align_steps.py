@@ -69,7 +69,7 @@ def align(config, workdir: str | Path) -> dict[str, Any]:
         raise ValueError("sampling.options.schedule is an explicit schedule; align_steps starts "
                          "from a named one (uniform, quadratic, log_snr, karras) or the sampler's default")
     settings = config.align_steps
-    device = resolve_device(config.device)
+    device = resolve_device(config.device, tf32=config.tf32)
     model, source, step = load_ema_model(config, workdir, device, config.sampling.checkpoint)
     running_on = environment.announce(device, model=model)
     generator = torch.Generator().manual_seed(config.seed)

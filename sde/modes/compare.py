@@ -84,7 +84,7 @@ def markdown_table(rows: list[dict[str, Any]]) -> str:
 def compare(config, workdir: str | Path) -> dict[str, Any]:
     """Run ``--mode compare``; returns the results it writes (rank 0; ``{}`` on other ranks)."""
     runs = validate_runs(config)
-    context = distributed.setup(config.device)
+    context = distributed.setup(config.device, config.tf32)
     run = Workdir(workdir, create=context.is_main)
     device = context.device
     sde = create_sde(config)

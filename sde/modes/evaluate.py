@@ -139,7 +139,7 @@ def run(config, workdir: str | Path) -> dict[str, Any]:
 
 def evaluate(config, workdir: str | Path) -> dict[str, Any]:
     """Run ``--mode eval``; returns the report it writes (rank 0; ``{}`` on other ranks)."""
-    context = distributed.setup(config.device)
+    context = distributed.setup(config.device, config.tf32)
     run = Workdir(workdir, create=context.is_main)
     device = context.device
     eval_cfg = config.eval

@@ -152,7 +152,7 @@ def run(config, workdir: str | Path) -> dict[str, Any]:
 
 def sample(config, workdir: str | Path) -> dict[str, Any]:
     """Run ``--mode sample``; returns the JSON record it writes (rank 0; ``{}`` on other ranks)."""
-    context = distributed.setup(config.device)
+    context = distributed.setup(config.device, config.tf32)
     run = Workdir(workdir, create=context.is_main)
     sde = create_sde(config)
     model, source, step = load_ema_model(config, workdir, context.device, config.sampling.checkpoint)

@@ -68,11 +68,28 @@ class EMA:
             ema_buffer.copy_(buffer)
 
 
-def autocast_context(device: torch.device, enabled: bool):
-    """bf16 autocast where the device supports it (CPU with AVX512-BF16, Ampere+ GPUs)."""
-    if not enabled:
+#: ``training.amp``: the autocast precision of the training step's forward pass.
+PRECISIONS = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def precision(amp: Any) -> str:
+    """``training.amp`` as one of ``PRECISIONS``; the True / False of older configs,
+    checkpoints and weight metadata mean bf16 / none."""
+    if isinstance(amp, bool) or amp is None:
+        return "bf16" if amp else "none"
+    if amp not in PRECISIONS:
+        raise ValueError(f"training.amp must be one of {', '.join(PRECISIONS)} (or True / False: bf16 / "
+                         f"none), got {amp!r}")
+    return amp
+
+
+def autocast_context(device: torch.device, amp: Any):
+    """Autocast in ``precision(amp)``: bf16 where the device supports it (CPUs with
+    AVX512-BF16 or AMX, Ampere+ GPUs), fp16 on GPUs (with a gradient scaler, ``train``)."""
+    dtype = PRECISIONS[precision(amp)]
+    if dtype is None:
         return contextlib.nullcontext()
-    return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+    return torch.autocast(device_type=device.type, dtype=dtype)
 
 
 def rng_state(noise_generator: torch.Generator) -> dict[str, Any]:
@@ -143,6 +160,8 @@ def check(config) -> None:
             "training.likelihood_weighting needs training.continuous=True")
     require(training.continuous or config.sde.name == "vp",
             f"training.continuous=False (DDPM) needs sde.name='vp', got {config.sde.name!r}")
+    precision(training.amp)
+    require(isinstance(training.compile, bool), f"training.compile must be True or False, got {training.compile!r}")
     if training.init_weights:
         require(Path(training.init_weights).suffix in (".safetensors", ".pt"),
                 f"training.init_weights must be .safetensors weights or a checkpoint .pt, "
@@ -164,7 +183,7 @@ def run(config, workdir: str | Path) -> dict[str, Any]:
 def train(config, workdir: str | Path) -> dict[str, Any]:
     """Train (or resume) in ``workdir``; returns a summary (steps, wall time, last loss).
     The config is assumed checked (``run`` checks it first)."""
-    context = distributed.setup(config.device)
+    context = distributed.setup(config.device, config.tf32)
     device = context.device
     run = Workdir(workdir, create=context.is_main)
     torch.manual_seed(config.seed)  # the same initial weights (hence EMA) on every rank
@@ -176,12 +195,16 @@ def train(config, workdir: str | Path) -> dict[str, Any]:
     model = create_model(config).to(device)
     if context.world_size > 1:
         torch.manual_seed(config.seed + context.rank)  # dropout differs per rank; noise does not
-    running_on = environment.announce(device, processes=context.world_size, model=model,
-                                      autocast="bf16" if train_cfg.amp else "none", show=context.is_main)
+    mode = precision(train_cfg.amp)
+    running_on = environment.announce(device, processes=context.world_size, model=model, autocast=mode,
+                                      show=context.is_main)
     if context.is_main:
         print(f"model: {config.model.name}, {count_parameters(model):,} parameters", flush=True)
     ema = EMA(model, config.model.ema_rate)
     optimizer = torch.optim.Adam(model.parameters(), lr=train_cfg.lr)
+    # fp16's narrow range needs the loss scaled (Micikevicius et al. 2018); disabled, the
+    # scaler passes everything through unchanged
+    scaler = torch.amp.GradScaler(device.type, enabled=mode == "fp16")
     sde = create_sde(config)
     loss_fn = make_loss_fn(sde, LossConfig(continuous=train_cfg.continuous,
                                            likelihood_weighting=train_cfg.likelihood_weighting,
@@ -197,6 +220,8 @@ def train(config, workdir: str | Path) -> dict[str, Any]:
         checkpoint.load_model_weights(model, state["model"], f"checkpoint of step {step}")
         checkpoint.load_model_weights(ema.model, state["ema"], f"EMA of checkpoint of step {step}")
         optimizer.load_state_dict(state["optimizer"])
+        if scaler.is_enabled() and "scaler" in state:
+            scaler.load_state_dict(state["scaler"])
         stream.load_state_dict(state["data"])
         set_rng_state(state["rng"], noise_generator)
         if context.is_main:
@@ -213,10 +238,13 @@ def train(config, workdir: str | Path) -> dict[str, Any]:
     if context.world_size > 1:
         train_model = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None)
+    if train_cfg.compile:
+        train_model = torch.compile(train_model)
 
     def training_state() -> dict[str, Any]:
         return {"model": model.state_dict(), "ema": ema.model.state_dict(),
                 "optimizer": optimizer.state_dict(), "step": step,
+                **({"scaler": scaler.state_dict()} if scaler.is_enabled() else {}),
                 "data": stream.state_dict(), "rng": rng_state(noise_generator),
                 "wall_time_s": earlier_wall_time + time.perf_counter() - start}
 
@@ -230,7 +258,7 @@ def train(config, workdir: str | Path) -> dict[str, Any]:
                                        keep=train_cfg.keep_checkpoints)
 
     writer = SummaryWriter(str(run.tensorboard)) if context.is_main else None
-    bad_steps_in_a_row = bad_steps_total = 0
+    bad_steps_in_a_row = bad_steps_total = overflow_steps = 0
     last_loss = float("nan")
     recent_losses: collections.deque[float] = collections.deque(maxlen=train_cfg.log_freq)
     images_seen, window_start = 0, time.perf_counter()
@@ -244,16 +272,26 @@ def train(config, workdir: str | Path) -> dict[str, Any]:
             for group in optimizer.param_groups:
                 group["lr"] = lr
             optimizer.zero_grad(set_to_none=True)
-            with autocast_context(device, train_cfg.amp):
+            with autocast_context(device, mode):
                 loss = loss_fn(train_model, x0, generator=noise_generator, shard=context.shard)
-            loss.backward()
+            scaler.scale(loss).backward()
+            scaler.unscale_(optimizer)
             grad_norm = torch.nn.utils.clip_grad_norm_(
                 model.parameters(), train_cfg.grad_clip if train_cfg.grad_clip > 0 else math.inf)
             # the global batch's loss: logged, and the same on every rank, as is grad_norm (the
             # gradient is all-reduced), so every rank takes the same branch below
             global_loss = distributed.all_reduce_sum(loss.detach().clone()) / context.world_size
-            finite = bool(torch.isfinite(global_loss).item() and torch.isfinite(grad_norm).item())
-            if not finite:
+            finite_loss, finite_gradient = (bool(torch.isfinite(v).item()) for v in (global_loss, grad_norm))
+            if scaler.is_enabled() and finite_loss and not finite_gradient:
+                # the fp16 gradients overflowed at this loss scale: the scaler skips the step and
+                # lowers the scale; not a bad step
+                scaler.step(optimizer)
+                scaler.update()
+                overflow_steps += 1
+                continue
+            if not (finite_loss and finite_gradient):
+                if scaler.is_enabled():
+                    scaler.update()  # closes this step's unscale_; the optimizer does not step
                 bad_steps_in_a_row += 1
                 bad_steps_total += 1
                 optimizer.zero_grad(set_to_none=True)
@@ -267,7 +305,8 @@ def train(config, workdir: str | Path) -> dict[str, Any]:
                         f"check the data.")
                 continue
             bad_steps_in_a_row = 0
-            optimizer.step()
+            scaler.step(optimizer)
+            scaler.update()
             ema.update(model, step)
             step += 1
             last_loss = global_loss.item()
@@ -304,6 +343,7 @@ def train(config, workdir: str | Path) -> dict[str, Any]:
                "last_loss": last_loss,
                "mean_loss_last_steps": sum(recent_losses) / max(1, len(recent_losses)),
                "last_steps": len(recent_losses), "bad_steps": bad_steps_total,
+               "overflow_steps": overflow_steps,
                "parameters": count_parameters(model), "interrupted": stop.signal_name,
                "environment": running_on}
     if context.is_main:
