@@ -322,7 +322,8 @@ def train(config, workdir: str | Path) -> dict[str, Any]:
                     for name, value in (("loss", last_loss), ("learning_rate", lr),
                                         ("grad_norm", grad_norm.item()),
                                         ("images_per_sec", images_per_sec),
-                                        ("bad_steps", bad_steps_total)):
+                                        ("bad_steps", bad_steps_total),
+                                        ("overflow_steps", overflow_steps)):
                         writer.add_scalar(f"train/{name}", value, step)
                 images_seen, window_start = 0, time.perf_counter()
             if step % train_cfg.snapshot_freq == 0 or step == train_cfg.n_iters:
