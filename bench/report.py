@@ -23,7 +23,7 @@ from bench.common import REPO, RESULTS, provenance
 PROTOCOL = ("release_eval", "sampler_quality", "peer_samplers", "sampler_schedules", "likelihood_speed",
             "train_throughput", "sampling_overhead", "fault_injection")
 #: One-off investigations (``bench.investigations``).
-INVESTIGATIONS = ("dequantization", "checkpoint_bpd", "elbo_by_noise_level", "diffusers_sde_order3")
+INVESTIGATIONS = ("dequantization", "checkpoint_bpd", "elbo_by_noise_level", "diffusers_sde_order3", "train_loop_ab")
 BENCHMARKS = REPO / "BENCHMARKS.md"
 
 INTRO = """\

@@ -669,3 +669,16 @@ def test_create_batch_stream_follows_the_config(tmp_path):
     assert batch.shape == (8, 2)
     # every row is one of the data points
     assert (torch.cdist(batch, points).min(1).values == 0).all()
+
+
+def test_the_prefetcher_reads_ahead_and_resumes_at_the_batch_not_yet_taken():
+    images = torch.arange(10 * 4, dtype=torch.uint8).reshape(10, 1, 2, 2)
+    stream = data.BatchStream(images, batch_size=3, seed=1)
+    batches = data.DevicePrefetcher(stream, "cpu")
+    first = batches.take()
+    batches.prefetch()  # the next batch is read: the stream has moved past it
+    assert stream.state_dict()["position"] == 6 and batches.state_dict()["position"] == 3
+    resumed = data.BatchStream(images, batch_size=3, seed=1)
+    resumed.load_state_dict(batches.state_dict())
+    assert torch.equal(next(resumed), batches.take())
+    assert not torch.equal(first, next(resumed))

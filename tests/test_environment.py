@@ -19,7 +19,9 @@ def test_training_records_its_environment(tiny_run):
     config, workdir = tiny_run
     recorded = json.loads((workdir / "config.json").read_text())["environment"]
     assert recorded["device"] == "cpu" and recorded["processes"] == 1 and recorded["autocast"] == "none"
-    assert json.loads((workdir / "train_summary.json").read_text())["environment"] == recorded
+    summary = json.loads((workdir / "train_summary.json").read_text())
+    assert summary["environment"] == recorded
+    assert summary["host_syncs_per_step"] == 1  # the finite check the update waits for, nothing else
 
 
 def test_sampling_prints_and_records_its_environment(tiny_run, capsys):

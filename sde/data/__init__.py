@@ -28,7 +28,7 @@ from sde.data.mnist import (IDX_IMAGES_MAGIC, IDX_LABELS_MAGIC, IDX_UBYTE_TYPE_C
                             load_mnist, read_idx)
 from sde.data.scaling import (MAX_PIXEL_VALUE, NUM_PIXEL_LEVELS, float_to_uint8, training_view,
                               uint8_to_float)
-from sde.data.stream import BatchStream, create_batch_stream
+from sde.data.stream import BatchStream, DevicePrefetcher, create_batch_stream
 from sde.data.toy import (GAUSSIAN_COV, GAUSSIAN_MEAN, SPIRAL_NOISE_STD, SPIRAL_TURNS, TOY_DIM, TOY_NAMES,
                           TWO_GAUSSIANS_COVS, TWO_GAUSSIANS_MEANS, TWO_GAUSSIANS_WEIGHTS, GaussianMixture,
                           load_toy, sample_spiral, toy_mixture)
@@ -41,7 +41,7 @@ for _module in pkgutil.iter_modules(__path__):  # every data set module register
 SPLITS = {name: dataset.splits for name, dataset in DATASETS.items()}
 
 __all__ = [
-    "BatchStream", "CIFAR10_ARCHIVE", "CIFAR10_DIR", "CIFAR10_IMAGE_SIZE", "CIFAR10_MD5",
+    "BatchStream", "DevicePrefetcher", "CIFAR10_ARCHIVE", "CIFAR10_DIR", "CIFAR10_IMAGE_SIZE", "CIFAR10_MD5",
     "CIFAR10_NUM_CHANNELS", "CIFAR10_SPLIT_FILES", "CIFAR10_URL", "DATASETS", "DOWNLOAD_TIMEOUT_S",
     "Dataset", "EmbeddedMNISTWarning", "Fetch", "GAUSSIAN_COV", "GAUSSIAN_MEAN", "GaussianMixture",
     "IDX_IMAGES_MAGIC", "IDX_LABELS_MAGIC", "IDX_UBYTE_TYPE_CODE", "KINDS", "MAX_PIXEL_VALUE",

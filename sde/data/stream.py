@@ -103,3 +103,45 @@ def create_batch_stream(config: ml_collections.ConfigDict, *, rank: int = 0, wor
     data, _ = load_dataset(config)
     return BatchStream(data, config.training.batch_size, config.seed, dequantize=config.data.dequantize,
                        random_flip=config.data.random_flip, rank=rank, world_size=world_size)
+
+
+class DevicePrefetcher:
+    """A ``BatchStream`` one batch ahead on the training device.
+
+    ``take()`` returns the batch prepared earlier (already on ``device``) and ``prefetch()``
+    prepares the next one: on the CPU (reading, dequantizing, flipping), then, on a CUDA
+    device, into pinned memory and onto the GPU with a non-blocking copy. The training step
+    calls ``prefetch()`` after it has queued its GPU work and before it waits for the GPU,
+    so the next batch is made while the GPU computes. ``state_dict()`` is the stream's
+    position before the batch not yet taken, so a checkpoint resumes at that batch.
+    """
+
+    def __init__(self, stream: BatchStream, device: torch.device):
+        self.stream, self.device = stream, torch.device(device)
+        self._pending: Tensor | tuple[Tensor, Tensor] | None = None
+        self._pending_state: dict[str, int] = stream.state_dict()
+        self.prefetch()
+
+    def _to_device(self, batch: Tensor) -> Tensor:
+        if self.device.type == "cuda":
+            return batch.pin_memory().to(self.device, non_blocking=True)
+        return batch.to(self.device)
+
+    def prefetch(self) -> None:
+        """Prepare the next batch (once: a pending batch is kept until taken)."""
+        if self._pending is not None:
+            return
+        self._pending_state = self.stream.state_dict()
+        batch = next(self.stream)
+        self._pending = (tuple(self._to_device(part) for part in batch) if isinstance(batch, tuple)
+                         else self._to_device(batch))
+
+    def take(self) -> Tensor | tuple[Tensor, Tensor]:
+        """The next batch, on the device."""
+        self.prefetch()
+        batch, self._pending = self._pending, None
+        return batch
+
+    def state_dict(self) -> dict[str, int]:
+        """Where the stream resumes: at the batch ``take()`` gives next."""
+        return dict(self._pending_state) if self._pending is not None else self.stream.state_dict()

@@ -123,10 +123,14 @@ class _StopRequest:
     def _handle(self, signum, frame):
         self.signal_name = signal.Signals(signum).name
 
-    def requested_on_any_rank(self, device: torch.device) -> bool:
-        """Whether any rank got a signal: all ranks must leave the loop at the same step."""
-        requests = torch.tensor([float(self.signal_name is not None)], device=device)
-        if distributed.all_reduce_sum(requests).item() == 0:
+    def flag(self, device: torch.device) -> torch.Tensor:
+        """1.0 if this rank got a signal, as a tensor to sum over ranks with the step's loss."""
+        return torch.tensor(float(self.signal_name is not None), device=device)
+
+    def requested(self, count: float) -> bool:
+        """Whether any rank got a signal (``count``: the flags summed over ranks): all ranks
+        leave the loop at the same step."""
+        if count == 0:
             return False
         self.signal_name = self.signal_name or "stop request of another rank"
         return True
@@ -241,11 +245,14 @@ def train(config, workdir: str | Path) -> dict[str, Any]:
     if train_cfg.compile:
         train_model = torch.compile(train_model)
 
+    batches = data.DevicePrefetcher(stream, device)  # after the restore: it reads ahead
+    first_step = step
+
     def training_state() -> dict[str, Any]:
         return {"model": model.state_dict(), "ema": ema.model.state_dict(),
                 "optimizer": optimizer.state_dict(), "step": step,
                 **({"scaler": scaler.state_dict()} if scaler.is_enabled() else {}),
-                "data": stream.state_dict(), "rng": rng_state(noise_generator),
+                "data": batches.state_dict(), "rng": rng_state(noise_generator),
                 "wall_time_s": earlier_wall_time + time.perf_counter() - start}
 
     def snapshot() -> None:
@@ -258,7 +265,7 @@ def train(config, workdir: str | Path) -> dict[str, Any]:
                                        keep=train_cfg.keep_checkpoints)
 
     writer = SummaryWriter(str(run.tensorboard)) if context.is_main else None
-    bad_steps_in_a_row = bad_steps_total = overflow_steps = 0
+    bad_steps_in_a_row = bad_steps_total = overflow_steps = host_syncs = 0
     last_loss = float("nan")
     recent_losses: collections.deque[float] = collections.deque(maxlen=train_cfg.log_freq)
     images_seen, window_start = 0, time.perf_counter()
@@ -267,7 +274,7 @@ def train(config, workdir: str | Path) -> dict[str, Any]:
                     desc="train", dynamic_ncols=True)
     with _StopRequest() as stop:
         while step < train_cfg.n_iters:
-            x0 = next(stream).to(device, non_blocking=True)
+            x0 = batches.take()
             lr = train_cfg.lr * min(1.0, (step + 1) / max(1, train_cfg.warmup))
             for group in optimizer.param_groups:
                 group["lr"] = lr
@@ -278,10 +285,16 @@ def train(config, workdir: str | Path) -> dict[str, Any]:
             scaler.unscale_(optimizer)
             grad_norm = torch.nn.utils.clip_grad_norm_(
                 model.parameters(), train_cfg.grad_clip if train_cfg.grad_clip > 0 else math.inf)
-            # the global batch's loss: logged, and the same on every rank, as is grad_norm (the
-            # gradient is all-reduced), so every rank takes the same branch below
-            global_loss = distributed.all_reduce_sum(loss.detach().clone()) / context.world_size
-            finite_loss, finite_gradient = (bool(torch.isfinite(v).item()) for v in (global_loss, grad_norm))
+            batches.prefetch()  # the next batch is made while the device computes this one
+            # The step's one host synchronisation, which the update must wait for: the global
+            # batch's loss (summed over ranks with their stop requests, in one collective) and
+            # the gradient norm, the same on every rank (the gradient is all-reduced), so that
+            # every rank takes the same branch below.
+            reduced = distributed.all_reduce_sum(torch.stack([loss.detach().float(), stop.flag(device)]))
+            global_loss, gradient_norm, stops = torch.stack(
+                [reduced[0] / context.world_size, grad_norm.float(), reduced[1]]).tolist()
+            host_syncs += 1
+            finite_loss, finite_gradient = math.isfinite(global_loss), math.isfinite(gradient_norm)
             if scaler.is_enabled() and finite_loss and not finite_gradient:
                 # the fp16 gradients overflowed at this loss scale: the scaler skips the step and
                 # lowers the scale; not a bad step
@@ -305,11 +318,12 @@ def train(config, workdir: str | Path) -> dict[str, Any]:
                         f"check the data.")
                 continue
             bad_steps_in_a_row = 0
-            scaler.step(optimizer)
+            scaler.step(optimizer)  # with fp16, one more synchronisation: the scaler's overflow check
+            host_syncs += int(scaler.is_enabled())
             scaler.update()
             ema.update(model, step)
             step += 1
-            last_loss = global_loss.item()
+            last_loss = global_loss
             recent_losses.append(last_loss)
             images_seen += x0.shape[0] * context.world_size
             progress.update(1)
@@ -320,7 +334,7 @@ def train(config, workdir: str | Path) -> dict[str, Any]:
                 progress.set_postfix(loss=f"{last_loss:.4f}", img_s=f"{images_per_sec:.0f}")
                 if writer is not None:
                     for name, value in (("loss", last_loss), ("learning_rate", lr),
-                                        ("grad_norm", grad_norm.item()),
+                                        ("grad_norm", gradient_norm),
                                         ("images_per_sec", images_per_sec),
                                         ("bad_steps", bad_steps_total),
                                         ("overflow_steps", overflow_steps)):
@@ -330,7 +344,7 @@ def train(config, workdir: str | Path) -> dict[str, Any]:
                 snapshot()
             if context.is_main and (step % train_cfg.sample_freq == 0 or step == train_cfg.n_iters):
                 _write_samples(config, ema.model, sde, device, run, writer, step, stream.data)
-            if stop.requested_on_any_rank(device):
+            if stop.requested(stops):
                 snapshot()
                 if context.is_main:
                     print(f"\n{stop.signal_name} received: saved checkpoint of step {step}; "
@@ -345,6 +359,7 @@ def train(config, workdir: str | Path) -> dict[str, Any]:
                "mean_loss_last_steps": sum(recent_losses) / max(1, len(recent_losses)),
                "last_steps": len(recent_losses), "bad_steps": bad_steps_total,
                "overflow_steps": overflow_steps,
+               "host_syncs_per_step": host_syncs / max(1, step - first_step),
                "parameters": count_parameters(model), "interrupted": stop.signal_name,
                "environment": running_on}
     if context.is_main:
