@@ -21,7 +21,10 @@ from bench.common import REPO, RESULTS, provenance
 
 #: The protocol benchmarks, in the order of the file: the toolkit's headline results.
 PROTOCOL = ("release_eval", "sampler_quality", "peer_samplers", "sampler_schedules", "likelihood_speed",
-            "train_throughput", "sampling_overhead", "fault_injection")
+            "train_throughput", "sampling_overhead", "fault_injection", "gpu_check")
+#: Protocol benchmarks that no run has measured yet, and what they wait for; the contents
+#: say so until their results file exists.
+AWAITING = {"gpu_check": "needs a CUDA GPU; on a CPU it runs its small check, as CI does, and writes nothing"}
 #: One-off investigations (``bench.investigations``).
 INVESTIGATIONS = ("dequantization", "checkpoint_bpd", "elbo_by_noise_level", "diffusers_sde_order3", "train_loop_ab")
 BENCHMARKS = REPO / "BENCHMARKS.md"
@@ -76,6 +79,9 @@ def build(results_dir: Path = RESULTS) -> str:
         if present:
             index.append(f"- {heading}: " + " · ".join(
                 f"[{results[name]['title']}](#{anchor(results[name]['title'])})" for name in present))
+    waiting = [f"`python -m bench.{name}` ({reason})" for name, reason in AWAITING.items() if name not in results]
+    if waiting:
+        index.append("- Not yet run: " + "; ".join(waiting))
     index.append("")
     sections = [section(name, results[name]) for name in PROTOCOL + INVESTIGATIONS if name in results]
     return INTRO + "\n" + "\n".join(index) + "\n" + "\n".join(sections)
