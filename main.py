@@ -9,6 +9,7 @@ have -- ends the run with one line on stderr and exit code 2, before any expensi
 import importlib
 import importlib.util
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -33,12 +34,28 @@ flags.mark_flag_as_required("config")
 
 #: Exit code of every bad-input error (as for a command-line usage error).
 BAD_INPUT_EXIT_CODE = 2
+#: Exit code of a run that failed on its own (training diverged): the input was valid.
+RUN_FAILED_EXIT_CODE = 1
 
 
-def fail(message: str) -> None:
-    """End the run on bad input: ``error: <message>`` as one stderr line, exit code 2."""
+def fail(message: str, code: int = BAD_INPUT_EXIT_CODE) -> None:
+    """End the run: ``error: <message>`` as one stderr line, exit code 2 (bad input) or ``code``."""
     print(f"error: {' '.join(message.split())}", file=sys.stderr, flush=True)
-    sys.exit(BAD_INPUT_EXIT_CODE)
+    sys.exit(code)
+
+
+def os_error_message(error: OSError) -> str:
+    """An operating-system error as one line naming the path (a file that cannot be read, a
+    folder that cannot be written, a full disk)."""
+    where = " -> ".join(str(name) for name in (error.filename, error.filename2) if name is not None)
+    reason = error.strerror or str(error) or type(error).__name__
+    return f"{where}: {reason}" if where else reason
+
+
+def _terminate(signum, frame) -> None:
+    """SIGTERM as an exception, so that the ``finally`` of each write removes its temporary
+    file (``sde.checkpoint.atomic_write``); training handles SIGTERM itself while it trains."""
+    raise SystemExit(128 + signum)
 
 
 def _config_file(argv: list[str]) -> str | None:
@@ -100,14 +117,24 @@ def run_mode(mode: str, config, workdir: str) -> dict:
 def main(argv):
     del argv
     from sde.configuration import USER_ERRORS
+    from sde.divergence import TrainingDiverged
 
     workdir = FLAGS.workdir or str(Path("runs") / Path(FLAGS["config"].config_filename).stem)
+    signal.signal(signal.SIGTERM, _terminate)
     try:
         result = run_mode(FLAGS.mode, FLAGS.config, workdir)
     except USER_ERRORS as error:
         if os.environ.get("SDE_TRACEBACK"):
             raise
         fail(str(error))
+    except TrainingDiverged as error:
+        if os.environ.get("SDE_TRACEBACK"):
+            raise
+        fail(str(error), RUN_FAILED_EXIT_CODE)
+    except OSError as error:  # after USER_ERRORS, which hold FileNotFoundError
+        if os.environ.get("SDE_TRACEBACK"):
+            raise
+        fail(os_error_message(error))
     if result:
         print(result.get("message", ""), flush=True)
 

@@ -7,7 +7,7 @@ setup(
     description="VP/sub-VP/VE SDEs, one noise-prediction U-Net, interchangeable samplers, bits/dim and FID.",
     python_requires=">=3.10",
     packages=find_packages(include=["sde", "sde.*", "evaluation", "evaluation.*", "configs"]),
-    package_data={"sde": ["assets/mnist/*.gz"], "evaluation": ["assets/*"]},
+    package_data={"sde": ["assets/mnist/*.gz", "testing/schedules/*.json"], "evaluation": ["assets/*"]},
     install_requires=[
         # torch is pinned by the installer (README / .ci/run install torch==2.13.0 CPU first);
         # this range is satisfied by that build, so pip does not pull another one.

@@ -72,6 +72,9 @@ def get_default_config() -> ml_collections.ConfigDict:
     training.sample_freq = 2000   # sample grid to TensorBoard and workdir/samples
     training.keep_checkpoints = 3
     training.max_bad_steps = 5
+    # stop (saving nothing) when the loss median or the weight norm grows this many times
+    # over the run's own best / start (sde/divergence.py); 0 = off
+    training.divergence_factor = 10.0
 
     config.sampling = sampling = ml_collections.ConfigDict()
     sampling.method = "dpm_solver"

@@ -12,6 +12,7 @@ sums, so the processes' arrays add up to those of the whole set, whatever the sp
 from __future__ import annotations
 
 import os
+import tempfile
 from pathlib import Path
 from typing import Callable, Iterable, Mapping
 
@@ -62,13 +63,23 @@ class FeatureSet:
         self.reservoir.merge(other.reservoir)
 
     def save(self, path: str | Path) -> None:
-        """Write atomically (temporary file, then rename) to `path` (.npz)."""
+        """Write atomically to `path` (.npz): a temporary file named with this process's id
+        (``.<name>.<pid>.<random>.tmp``, the toolkit's convention, so that a later process can
+        tell a dead writer's leftover from a live one's), fsync'ed, renamed over `path`, and
+        removed if anything fails (SIGTERM included, as an exception)."""
         path = Path(path)
-        temporary = path.with_name(f"{path.stem}.tmp-{os.getpid()}.npz")
+        handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.{os.getpid()}.", suffix=".tmp", dir=path.parent)
         reservoir = self.reservoir.to_arrays()
-        np.savez(temporary, **self.stats.to_arrays(), kid_features=reservoir["features"], kid_seen=reservoir["seen"],
-                 kid_capacity=np.asarray(self.reservoir.capacity, dtype=np.int64))
-        os.replace(temporary, path)
+        try:
+            with os.fdopen(handle, "wb") as file:
+                np.savez(file, **self.stats.to_arrays(), kid_features=reservoir["features"],
+                         kid_seen=reservoir["seen"], kid_capacity=np.asarray(self.reservoir.capacity, dtype=np.int64))
+                file.flush()
+                os.fsync(file.fileno())
+            os.replace(temporary, path)
+        except BaseException:
+            Path(temporary).unlink(missing_ok=True)
+            raise
 
     @classmethod
     def load(cls, path: str | Path) -> "FeatureSet":

@@ -1,10 +1,11 @@
 """Checks of a config that every mode shares, run before any expensive work.
 
 Each mode (``sde/modes/*.py``) owns the checks of its own keys and calls these first:
-``validate`` for the data set, SDE and network, ``check_sampling`` for the sampler and its
-options (which only the sampler's own spec validates, ``sde/samplers/spec.py``). A bad
-value raises a ValueError with one line saying what was wrong and what is accepted;
-``main.py`` prints it and exits with code 2.
+``validate`` for every numeric value (its rule in ``sde/config_rules.py``), the data set,
+SDE and network, ``check_sampling`` for the sampler and its options (which only the
+sampler's own spec validates, ``sde/samplers/spec.py``). A bad value raises a ValueError
+with one line saying what was wrong and what is accepted; ``main.py`` prints it and exits
+with code 2.
 """
 from __future__ import annotations
 
@@ -12,7 +13,8 @@ from typing import Any
 
 from sde import data, samplers
 from sde.checkpoint import CheckpointError
-from sde.checks import positive_int, require
+from sde.checks import require
+from sde.config_rules import check_values
 from sde.distributed import parse_device
 from sde.models import check_model_config
 from sde.sdes import SDES, create_sde
@@ -30,13 +32,14 @@ def sampler_options(config) -> dict[str, Any]:
 
 
 def validate(config) -> None:
-    """The data set, the SDE and the network of ``config``: one clear ValueError on the first problem."""
+    """Every numeric value of ``config`` against its rule, then the data set, the SDE and the
+    network: one clear ValueError on the first problem."""
+    check_values(config)
     require(config.data.dataset in data.DATASETS,
             f"unknown data.dataset {config.data.dataset!r}; accepted: {', '.join(data.DATASETS)}")
     require(config.sde.name in SDES, f"unknown sde.name {config.sde.name!r}; accepted: {', '.join(SDES)}")
     require(config.sde.schedule in SCHEDULES,
             f"unknown sde.schedule {config.sde.schedule!r}; accepted: {', '.join(SCHEDULES)}")
-    positive_int(config.sde.num_scales, "sde.num_scales")
     parse_device(config.device)
     require(isinstance(config.tf32, bool), f"tf32 must be True or False, got {config.tf32!r}")
     check_model_config(config)
@@ -44,13 +47,11 @@ def validate(config) -> None:
 
 
 def check_sampling(config) -> None:
-    """``config.sampling``: the sampler, its step count, sample counts and its options."""
+    """``config.sampling``: the sampler and its options against the step count (``validate``
+    checks the counts)."""
     sampling = config.sampling
     require(sampling.method in samplers.available(),
             f"unknown sampling.method {sampling.method!r}; accepted: {', '.join(samplers.available())}")
-    positive_int(sampling.steps, "sampling.steps")
-    positive_int(sampling.num_samples, "sampling.num_samples")
-    positive_int(sampling.batch_size, "sampling.batch_size")
     try:
         samplers.resolve_options(sampling.method, create_sde(config), sampler_options(config), sampling.steps)
     except (ValueError, FileNotFoundError) as error:

@@ -112,12 +112,17 @@ def test_load_refuses_what_it_cannot_use_with_one_line(tmp_path):
     release = ROOT / RELEASES[0][0]
     tensors = load_file(str(release))
     with safe_open(str(release), framework="pt") as handle:
-        metadata = handle.metadata()
+        stored = handle.metadata()
+    damaged = tmp_path / "damaged.safetensors"
+    save_file(tensors, str(damaged), metadata={**stored, "step": "6001"})  # changed after export
+    with pytest.raises(CheckpointError, match="are damaged: their content does not match the SHA-256 digest"):
+        sde.load(damaged)
+    # Files without a digest (exported before digests) are still read: their metadata is checked
+    metadata = {key: value for key, value in stored.items() if key != "sha256"}
     for damage, message in [({"config": "{oops"}, "config stored in .* is damaged"),
                             ({"config": "[1, 2]"}, "config stored in .* is damaged"),
                             ({"config": json.dumps({"model": {"nf": "32"}})}, "config stored in .* is damaged"),
                             ({"step": "abc"}, "step 'abc' is not a step number")]:
-        damaged = tmp_path / "damaged.safetensors"
         save_file(tensors, str(damaged), metadata={**metadata, **damage})
         with pytest.raises(CheckpointError, match=message) as caught:
             sde.load(damaged)

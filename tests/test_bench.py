@@ -171,3 +171,13 @@ def test_the_gpu_check_runs_its_small_check_on_a_cpu():
     stages = [line[6:22].strip() for line in lines if line.startswith(("PASS", "FAIL"))]
     assert stages == ["train bf16", "train fp16", "stop and resume", "sample", "eval", "torchrun"]
     assert all(line.startswith("PASS") for line in lines if line[6:22].strip() in stages)
+
+
+def test_the_readme_fault_table_is_the_current_result():
+    """README.md's reliability table shows bench/results/fault_injection.json, row by row."""
+    from bench.fault_injection import NAME, readme_rows
+
+    result = json.loads((RESULTS / f"{NAME}.json").read_text())
+    readme = (ROOT / "README.md").read_text()
+    for fault, cases, held in readme_rows(result):
+        assert f"| {fault} | {cases} | {held} |" in readme, f"README.md lacks the row: {fault} | {cases} | {held}"

@@ -75,7 +75,8 @@ def test_rng_states_are_restored_from_the_cpu_whatever_the_map_location(tmp_path
     from sde.modes.train import rng_state, set_rng_state
 
     generator = torch.Generator().manual_seed(3)
-    state = {"model": {"weight": torch.ones(2)}, "rng": rng_state(generator), "step": 4}
+    weights = {"weight": torch.ones(2)}
+    state = {"model": weights, "ema": dict(weights), "rng": rng_state(generator), "step": 4}
     checkpoint.save_checkpoint(tmp_path, 4, state, keep=1)
     expected = torch.randn(3, generator=generator)
     _, loaded = checkpoint.load_latest(tmp_path, map_location="meta")

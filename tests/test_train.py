@@ -1,5 +1,6 @@
 """Training end to end on tiny configs: outputs, resume, exact reproducibility, toy loss."""
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -27,7 +28,7 @@ def test_train_writes_checkpoints_tensorboard_and_samples(tiny_run):
     steps = [step for step, _ in checkpoint.list_checkpoints(tmp_path / "checkpoints")]
     assert steps == [3, 6]
     state = checkpoint.load_checkpoint(tmp_path / "checkpoints" / "checkpoint_6.pt")
-    assert set(state) == {"model", "ema", "optimizer", "step", "data", "rng", "wall_time_s"}
+    assert set(state) == {"model", "ema", "optimizer", "step", "data", "rng", "divergence", "wall_time_s"}
     assert json.loads((tmp_path / "config.json").read_text())["training"]["n_iters"] == 6
     accumulator = event_accumulator.EventAccumulator(str(tmp_path / "tb"))
     accumulator.Reload()
@@ -61,12 +62,17 @@ def test_resume_is_bit_identical_to_an_uninterrupted_run(tmp_path):
     assert a["data"] == b["data"]
 
 
-def test_architecture_mismatch_is_named(tiny_run):
+def test_architecture_mismatch_is_named(tiny_run, tmp_path):
+    """With the run's config.json the changed key is named before anything is built; without
+    it (checkpoints copied alone) the checkpoint's mismatched tensors are."""
     _, workdir = tiny_run
     wider = tiny_config(n_iters=9)
     wider.model.nf = 16
-    with pytest.raises(checkpoint.CheckpointError, match="does not match the configured model"):
+    with pytest.raises(ValueError, match=r"trained with another config: model\.nf=16 \(the run: 8\)"):
         train(wider, workdir)
+    shutil.copytree(workdir / "checkpoints", tmp_path / "copy" / "checkpoints")
+    with pytest.raises(checkpoint.CheckpointError, match="does not match the configured model"):
+        train(wider, tmp_path / "copy")
 
 
 def test_init_weights_start_a_fine_tune_from_exported_or_checkpoint_weights(tiny_run, tmp_path):

@@ -17,12 +17,11 @@ from typing import Callable
 import ml_collections
 from torch import nn
 
-from sde.checks import positive_int
+from sde.config_rules import check_values
 from sde.data import get_dataset
 from sde.models.embeddings import EMBEDDING_TYPES, TimeEmbedding
 from sde.models.mlp import ToyMLP
 from sde.models.unet import UNet
-
 
 
 @dataclass(frozen=True)
@@ -33,14 +32,6 @@ class ModelSpec:
     build: Callable[[ml_collections.ConfigDict], nn.Module]
     kind: str
     check: Callable[[ml_collections.ConfigDict], None] = lambda config: None
-
-
-def _check_unet(config: ml_collections.ConfigDict) -> None:
-    model = config.model
-    positive_int(model.nf, "model.nf")
-    positive_int(model.num_res_blocks, "model.num_res_blocks")
-    if not (len(model.ch_mult) > 0 and all(isinstance(m, int) and m > 0 for m in model.ch_mult)):
-        raise ValueError(f"model.ch_mult must be a non-empty tuple of positive integers, got {model.ch_mult!r}")
 
 
 def _build_unet(config: ml_collections.ConfigDict) -> UNet:
@@ -62,7 +53,7 @@ def _build_mlp(config: ml_collections.ConfigDict) -> ToyMLP:
 
 
 MODELS: dict[str, ModelSpec] = {
-    "unet": ModelSpec(_build_unet, kind="image", check=_check_unet),
+    "unet": ModelSpec(_build_unet, kind="image"),
     "mlp": ModelSpec(_build_mlp, kind="points"),
 }
 
@@ -78,10 +69,7 @@ def check_model_config(config: ml_collections.ConfigDict) -> None:
         raise ValueError(f"data.dataset={dataset.name!r} ({dataset.kind} data) needs model.name="
                          f"{' or '.join(map(repr, fitting))}, got {name!r}")
     MODELS[name].check(config)
-    if not 0.0 <= config.model.dropout < 1.0:
-        raise ValueError(f"model.dropout must be in [0, 1), got {config.model.dropout}")
-    if not 0.0 <= config.model.ema_rate < 1.0:
-        raise ValueError(f"model.ema_rate must be in [0, 1), got {config.model.ema_rate}")
+    check_values(config, "model")  # the numeric keys' rules, for callers that skip configuration.validate
 
 
 def create_model(config: ml_collections.ConfigDict) -> nn.Module:

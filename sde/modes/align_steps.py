@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from sde import configuration, data, environment, randomness, samplers
-from sde.checks import positive_int, require
+from sde.checks import require
 from sde.configuration import sampler_options
 from sde.distributed import resolve_device
 from sde.inference import load_ema_model
@@ -43,10 +43,6 @@ def training_data_source(config) -> align_steps.DataSource:
 def check(config) -> None:
     """The config of a schedule fit: one clear ValueError on the first problem."""
     configuration.validate(config)
-    positive_int(config.align_steps.iterations, "align_steps.iterations")
-    positive_int(config.align_steps.batch_size, "align_steps.batch_size")
-    require(config.align_steps.learning_rate > 0,
-            f"align_steps.learning_rate must be > 0, got {config.align_steps.learning_rate}")
     require(config.sampling.steps >= 3,
             f"align_steps needs sampling.steps >= 3 (the ends stay fixed), got {config.sampling.steps}")
     configuration.check_sampling(config)

@@ -18,7 +18,6 @@ from typing import Any
 
 from sde import configuration, data, distributed, environment, images, samplers
 from sde.checkpoint import atomic_write
-from sde.checks import positive_int
 from sde.inference import load_ema_model
 from sde.quality import classifier_metrics_for, inception_for, reference_features, sample_quality
 from sde.sdes import create_sde
@@ -53,8 +52,6 @@ def check(config) -> None:
     dataset = data.get_dataset(config.data.dataset)
     if not dataset.is_image:
         raise ValueError(f"--mode compare measures FID of images; data.dataset={dataset.name!r} has none")
-    positive_int(config.compare.num_samples, "compare.num_samples")
-    positive_int(config.sampling.batch_size, "sampling.batch_size")
     validate_runs(config)
 
 

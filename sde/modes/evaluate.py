@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from sde import configuration, data, distributed, environment, images, likelihood
-from sde.checks import positive_int, require
+from sde.checks import require
 from sde.configuration import sampler_options
 from sde.inference import load_ema_model
 from sde.losses import LossConfig, make_loss_fn
@@ -114,8 +114,6 @@ def check(config) -> None:
     """The config of an evaluation: one clear ValueError on the first problem."""
     configuration.validate(config)
     evaluation = config.eval
-    positive_int(evaluation.bpd_num_images, "eval.bpd_num_images")
-    positive_int(evaluation.bpd_repeats, "eval.bpd_repeats")
     require(evaluation.bpd_dequantization in likelihood.DEQUANTIZATIONS,
             f"unknown eval.bpd_dequantization {evaluation.bpd_dequantization!r}; "
             f"accepted: {', '.join(likelihood.DEQUANTIZATIONS)}")

@@ -12,6 +12,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import copy
+import json
 import logging
 import math
 import signal
@@ -24,19 +25,18 @@ from torch.utils.tensorboard import SummaryWriter
 from tqdm.auto import tqdm
 
 from sde import checkpoint, configuration, data, distributed, environment, randomness, samplers
-from sde.checks import positive_int, require
+from sde.checks import require
 from sde.configuration import sampler_options
+from sde.divergence import DivergenceGuard, TrainingDiverged
 from sde.inference import load_weights
 from sde.losses import LossConfig, make_loss_fn
 from sde.models import count_parameters, create_model
 from sde.sdes import create_sde
-from sde.workdir import Workdir
+from sde.workdir import TrainingLock, Workdir, WorkdirError
 
 log = logging.getLogger(__name__)
 
-
-class TrainingDiverged(RuntimeError):
-    """Too many consecutive non-finite steps."""
+__all__ = ["TrainingDiverged", "check", "run", "train"]
 
 
 class EMA:
@@ -152,14 +152,8 @@ def sample_grid(config, ema_model: torch.nn.Module, sde, device: torch.device, c
 
 def check(config) -> None:
     """The config of a training run: one clear ValueError on the first problem."""
-    configuration.validate(config)
+    configuration.validate(config)  # every numeric key's rule among them (sde/config_rules.py)
     training = config.training
-    for key in ("batch_size", "n_iters", "log_freq", "snapshot_freq", "sample_freq",
-                "keep_checkpoints", "max_bad_steps"):
-        positive_int(training[key], f"training.{key}")
-    require(training.lr > 0, f"training.lr must be > 0, got {training.lr}")
-    require(training.warmup >= 0, f"training.warmup must be >= 0, got {training.warmup}")
-    require(0.0 < training.eps < 1.0, f"training.eps must be in (0, 1), got {training.eps}")
     require(training.continuous or not training.likelihood_weighting,
             "training.likelihood_weighting needs training.continuous=True")
     require(training.continuous or config.sde.name == "vp",
@@ -184,12 +178,70 @@ def run(config, workdir: str | Path) -> dict[str, Any]:
     return summary
 
 
+#: Config keys a run must keep when it resumes: what the network computes and what it is
+#: fitted to (the SDE, the architecture, the data's content, discrete or continuous time).
+#: Paths may move and the optimisation (learning rate, batch size, steps) may change.
+RESUME_KEYS = {
+    "sde": None,  # every key
+    "model": ("name", "nf", "ch_mult", "num_res_blocks", "attn_resolutions", "embedding_type",
+              "fourier_scale", "skip_rescale", "num_layers"),
+    "data": ("dataset", "split", "classes", "image_size", "num_channels", "dequantize", "toy_name",
+             "toy_num_samples"),
+    "training": ("continuous",),
+}
+
+
+def check_resume(config, run: Workdir) -> None:
+    """Refuse to resume the checkpoints in ``run`` under a config that changes ``RESUME_KEYS``
+    from the run's ``config.json``: one ValueError naming every changed key."""
+    stored_path = run.root / "config.json"
+    if not checkpoint.list_checkpoints(run.checkpoints) or not stored_path.is_file():
+        return
+    try:
+        stored = json.loads(stored_path.read_text())
+    except (OSError, ValueError) as error:
+        log.warning("cannot read %s (%s): the config of the resumed run is not compared", stored_path, error)
+        return
+    current = json.loads(json.dumps(config.to_dict(), default=list))
+    changed = []
+    for group, keys in RESUME_KEYS.items():
+        old, new = stored.get(group, {}), current.get(group, {})
+        for key in keys or sorted(new):
+            if key in old and key in new and old[key] != new[key]:
+                changed.append(f"{group}.{key}={new[key]!r} (the run: {old[key]!r})")
+    if changed:
+        raise ValueError(f"workdir {run.root} holds a run trained with another config: {'; '.join(changed)}. "
+                         f"Resume with the run's config ({stored_path}), pass another --workdir, or start a "
+                         f"new run from its weights with --config.training.init_weights=<a checkpoint of "
+                         f"{run.checkpoints}> in a new --workdir")
+
+
 def train(config, workdir: str | Path) -> dict[str, Any]:
     """Train (or resume) in ``workdir``; returns a summary (steps, wall time, last loss).
-    The config is assumed checked (``run`` checks it first)."""
+    The config is assumed checked (``run`` checks it first). One trainer per workdir: the
+    main process holds ``TrainingLock`` for the whole run."""
     context = distributed.setup(config.device, config.tf32)
-    device = context.device
     run = Workdir(workdir, create=context.is_main)
+    lock = TrainingLock(run.root)
+    refusal = None
+    if context.is_main:
+        try:
+            lock.acquire()
+        except WorkdirError as error:
+            refusal = error
+    if distributed.all_reduce_sum(torch.tensor(float(refusal is not None), device=context.device)).item():
+        raise refusal or WorkdirError(f"the main process could not take the training lock of {run.root}")
+    try:
+        check_resume(config, run)
+        if context.is_main:
+            run.prepare_checkpoints()
+        return _train(config, run, context)
+    finally:
+        lock.release()
+
+
+def _train(config, run: Workdir, context: distributed.Context) -> dict[str, Any]:
+    device = context.device
     torch.manual_seed(config.seed)  # the same initial weights (hence EMA) on every rank
     noise_generator = torch.Generator(device=device).manual_seed(config.seed)
 
@@ -217,7 +269,8 @@ def train(config, workdir: str | Path) -> dict[str, Any]:
 
     step = 0
     earlier_wall_time = 0.0  # training seconds of the runs this one resumes
-    restored = checkpoint.load_latest(run.checkpoints, map_location=device)
+    guard = DivergenceGuard(train_cfg.divergence_factor)
+    restored = checkpoint.load_latest(run.checkpoints, map_location=device, required=checkpoint.TRAINING_ENTRIES)
     if restored is not None:
         step, state = restored
         earlier_wall_time = float(state.get("wall_time_s", 0.0))
@@ -228,6 +281,7 @@ def train(config, workdir: str | Path) -> dict[str, Any]:
             scaler.load_state_dict(state["scaler"])
         stream.load_state_dict(state["data"])
         set_rng_state(state["rng"], noise_generator)
+        guard.load_state_dict(state.get("divergence", {}))
         if context.is_main:
             print(f"resumed from {run.checkpoints}/checkpoint_{step}.pt (step {step})", flush=True)
     elif train_cfg.init_weights:  # fine-tuning: step 0 and a fresh optimizer, given weights
@@ -235,6 +289,7 @@ def train(config, workdir: str | Path) -> dict[str, Any]:
         ema.model.load_state_dict(model.state_dict())
         if context.is_main:
             print(f"initialised from {train_cfg.init_weights} (its step {source_step})", flush=True)
+    guard.start(model)
     if context.is_main:
         run.write_config(config, environment=running_on)
 
@@ -253,13 +308,19 @@ def train(config, workdir: str | Path) -> dict[str, Any]:
                 "optimizer": optimizer.state_dict(), "step": step,
                 **({"scaler": scaler.state_dict()} if scaler.is_enabled() else {}),
                 "data": batches.state_dict(), "rng": rng_state(noise_generator),
+                "divergence": guard.state_dict(),
                 "wall_time_s": earlier_wall_time + time.perf_counter() - start}
 
     def snapshot() -> None:
+        """Save the state, unless it has diverged: then it must not replace a good checkpoint."""
         weights = list(model.parameters()) + list(ema.model.parameters())
-        if not all(torch.isfinite(w).all() for w in weights):
-            raise TrainingDiverged(f"non-finite weights at step {step}: not saved, the last good "
-                                   f"checkpoint in {run.checkpoints} is untouched")
+        finite = all(torch.isfinite(w).all() for w in weights)
+        reason = guard.check(model) if finite else "the weights hold non-finite values"
+        if reason is not None:
+            raise TrainingDiverged(f"training diverged by step {step}: {reason}. This state was not saved; "
+                                   f"{_last_good(run)} Lower training.lr (now {train_cfg.lr:g}) and run the "
+                                   f"same command to resume from there, or set training.divergence_factor=0 "
+                                   f"to turn this check off")
         if context.is_main:
             checkpoint.save_checkpoint(run.checkpoints, step, training_state(),
                                        keep=train_cfg.keep_checkpoints)
@@ -272,7 +333,7 @@ def train(config, workdir: str | Path) -> dict[str, Any]:
     start = time.perf_counter()
     progress = tqdm(total=train_cfg.n_iters, initial=step, disable=not context.is_main,
                     desc="train", dynamic_ncols=True)
-    with _StopRequest() as stop:
+    with _StopRequest() as stop, contextlib.closing(progress):  # the bar ends before any error line
         while step < train_cfg.n_iters:
             x0 = batches.take()
             lr = train_cfg.lr * min(1.0, (step + 1) / max(1, train_cfg.warmup))
@@ -313,9 +374,8 @@ def train(config, workdir: str | Path) -> dict[str, Any]:
                 if bad_steps_in_a_row >= train_cfg.max_bad_steps:
                     raise TrainingDiverged(
                         f"{bad_steps_in_a_row} non-finite steps in a row at step {step + 1} "
-                        f"(training.max_bad_steps={train_cfg.max_bad_steps}); the last good "
-                        f"checkpoint in {run.checkpoints} is untouched. Lower training.lr or "
-                        f"check the data.")
+                        f"(training.max_bad_steps={train_cfg.max_bad_steps}); {_last_good(run)} "
+                        f"Lower training.lr or check the data.")
                 continue
             bad_steps_in_a_row = 0
             scaler.step(optimizer)  # with fp16, one more synchronisation: the scaler's overflow check
@@ -325,6 +385,7 @@ def train(config, workdir: str | Path) -> dict[str, Any]:
             step += 1
             last_loss = global_loss
             recent_losses.append(last_loss)
+            guard.observe(last_loss)
             images_seen += x0.shape[0] * context.world_size
             progress.update(1)
 
@@ -350,7 +411,6 @@ def train(config, workdir: str | Path) -> dict[str, Any]:
                     print(f"\n{stop.signal_name} received: saved checkpoint of step {step}; "
                           f"run the same command to resume", flush=True)
                 break
-    progress.close()
     if writer is not None:
         writer.close()
     summary = {"step": step, "wall_time_s": time.perf_counter() - start,
@@ -366,6 +426,14 @@ def train(config, workdir: str | Path) -> dict[str, Any]:
         run.write_json("train_summary.json", summary)
     distributed.barrier()
     return summary
+
+
+def _last_good(run: Workdir) -> str:
+    """What the checkpoints of ``run`` hold now, as a sentence for a divergence message."""
+    saved = checkpoint.list_checkpoints(run.checkpoints)
+    if not saved:
+        return "no checkpoint was saved before it, so a rerun starts from scratch."
+    return f"the newest checkpoint, {saved[-1][1]} (step {saved[-1][0]}), is from before and untouched."
 
 
 def _write_samples(config, ema_model, sde, device, run, writer, step, dataset) -> None:

@@ -39,6 +39,7 @@ exactly one ``steps``.
 from __future__ import annotations
 
 import json
+import math
 import numbers
 from pathlib import Path
 from typing import Sequence, Union
@@ -107,6 +108,8 @@ def resolve_schedule(sde, schedule: Schedule) -> Schedule:
             or not all(isinstance(t, numbers.Real) and not isinstance(t, bool) for t in times)):
         raise ValueError(f"an explicit schedule must be a non-empty sequence of times, got {times!r}")
     times = [float(t) for t in times]
+    if not all(math.isfinite(t) for t in times):  # NaN would pass the order checks below
+        raise ValueError(f"an explicit schedule's times must be finite numbers, got {times}")
     T = float(sde.T)
     if abs(times[0] - T) > T_TOLERANCE:
         raise ValueError(f"an explicit schedule must start at T={T:g}, got {times[0]!r}")

@@ -11,6 +11,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+import torch
+
 from sde import checkpoint
 from sde.models import create_model
 
@@ -19,6 +21,32 @@ MNIST_DIR = Path(__file__).resolve().parents[1] / "assets" / "mnist"
 #: The tiny config on the embedded MNIST test split, offline (as ``make_tiny_config``), for main.py.
 TINY_ARGS = ("--config", "configs/tiny.py", f"--config.data.data_dir={MNIST_DIR}",
              "--config.data.split=test", "--config.data.download=False")
+
+
+def flip_bit(content: bytes, bit: int) -> bytes:
+    """``content`` with bit number ``bit`` (0 = the lowest bit of the first byte) inverted."""
+    index, mask = divmod(bit, 8)
+    return content[:index] + bytes([content[index] ^ (1 << mask)]) + content[index + 1:]
+
+
+def dead_pid() -> int:
+    """The process id of a process that has ended (for temporary files of killed writers)."""
+    import subprocess
+
+    process = subprocess.Popen([sys.executable, "-c", "pass"])
+    process.wait()
+    return process.pid
+
+
+def identical(a, b) -> bool:
+    """Bit-for-bit equality of two nested checkpoint structures."""
+    if isinstance(a, torch.Tensor):
+        return isinstance(b, torch.Tensor) and a.dtype == b.dtype and a.shape == b.shape and torch.equal(a, b)
+    if isinstance(a, dict):
+        return isinstance(b, dict) and a.keys() == b.keys() and all(identical(a[k], b[k]) for k in a)
+    if isinstance(a, (list, tuple)):
+        return type(a) is type(b) and len(a) == len(b) and all(identical(x, y) for x, y in zip(a, b))
+    return type(a) is type(b) and a == b
 
 
 def make_tiny_config(continuous: bool = True, **training):
@@ -89,9 +117,71 @@ def _workdir_under_a_file(tmp: Path) -> list[str]:
 def _checkpoint_of_a_wider_model(tmp: Path) -> list[str]:
     wider = make_tiny_config()
     wider.model.nf = 16
-    state = create_model(wider).state_dict()
-    checkpoint.save_checkpoint(tmp / "run" / "checkpoints", 3, {"model": state, "ema": state}, keep=1)
+    model = create_model(wider)
+    state = model.state_dict()
+    optimizer = torch.optim.Adam(model.parameters())
+    checkpoint.save_checkpoint(tmp / "run" / "checkpoints", 3,
+                               {"model": state, "ema": state, "optimizer": optimizer.state_dict(), "step": 3,
+                                "data": {}, "rng": {}}, keep=1)
     return []
+
+
+def _run_of_another_config(tmp: Path) -> list[str]:
+    """A workdir as a tiny VP run leaves it: its config.json and a checkpoint (of no weights:
+    the config is compared before anything is loaded)."""
+    import json
+
+    run = tmp / "run"
+    (run / "checkpoints").mkdir(parents=True, exist_ok=True)
+    (run / "config.json").write_text(json.dumps(make_tiny_config().to_dict(), default=list))
+    checkpoint.save_checkpoint(run / "checkpoints", 3, {"ema": {}, "step": 3}, keep=1)
+    return []
+
+
+def _weights(change: Callable[[dict], object], name: str, as_checkpoint: bool = False) -> Callable[[Path], list[str]]:
+    """Weights of the tiny model changed by ``change`` (its state dict -> what is written), as
+    exported .safetensors (with a digest) or as a checkpoint ``.pt``; the option that uses them
+    comes from the BadInput's overrides with ``{path}`` filled in."""
+    def prepare(tmp: Path) -> list[str]:
+        config = make_tiny_config()
+        model = create_model(config)
+        path = tmp / name
+        if as_checkpoint:
+            torch.save(change({"model": model.state_dict(), "ema": model.state_dict(), "step": 3}), path)
+        else:
+            import json
+
+            metadata = {"step": "3", "config": json.dumps(config.to_dict(), default=list)}
+            checkpoint.export_safetensors(model, path, metadata)
+            path.write_bytes(change(path.read_bytes()))
+        return [f"--config.{option}={path}" for option in ("sampling.checkpoint",)] if "init" not in name else \
+            [f"--config.training.init_weights={path}"]
+    return prepare
+
+
+def _nan_state(state: dict) -> dict:
+    return {**state, "ema": {k: torch.full_like(v, float("nan")) for k, v in state["ema"].items()}}
+
+
+def _nan_weights_file(content: bytes) -> bytes:
+    """Exported weights whose every float is NaN, with a digest that matches (so that only the
+    finiteness check can refuse them)."""
+    import tempfile
+
+    from safetensors import safe_open
+    from safetensors.torch import load, save
+
+    tensors = {k: torch.full_like(v, float("nan")) for k, v in load(content).items()}
+    with tempfile.NamedTemporaryFile(suffix=".safetensors") as handle:
+        handle.write(content)
+        handle.flush()
+        with safe_open(handle.name, framework="pt") as opened:
+            metadata = {k: v for k, v in opened.metadata().items() if k != checkpoint.DIGEST_KEY}
+    return save(tensors, metadata={**metadata, checkpoint.DIGEST_KEY: checkpoint.weights_digest(tensors, metadata)})
+
+
+def _flip_last_tensor_byte(content: bytes) -> bytes:
+    return content[:-3] + bytes([content[-3] ^ 0x10]) + content[-2:]
 
 
 def _schedule_file(tmp: Path) -> list[str]:
@@ -174,6 +264,63 @@ BAD_INPUTS: tuple[BadInput, ...] = (
              r"eval\.bpd_truncation: truncation tau=1e-09 puts t0 outside \(0, T\)", mode="eval"),
     BadInput("train: missing init weights", ("--config.training.init_weights=missing.safetensors",),
              r"training\.init_weights='missing\.safetensors' does not exist"),
+    # numeric values out of their rule (sde/config_rules.py): refused in configuration.validate
+    BadInput("lr nan", ("--config.training.lr=nan",), r"training\.lr must be a finite number > 0, got nan"),
+    BadInput("lr inf", ("--config.training.lr=inf",), r"training\.lr must be a finite number > 0, got inf"),
+    BadInput("warmup -1", ("--config.training.warmup=-1",), r"training\.warmup must be an integer >= 0, got -1"),
+    BadInput("grad_clip -1", ("--config.training.grad_clip=-1",),
+             r"training\.grad_clip must be a finite number >= 0 \(0 turns clipping off\), got -1\.0"),
+    BadInput("divergence_factor 1.5", ("--config.training.divergence_factor=1.5",),
+             r"training\.divergence_factor must be 0 \(off\) or a finite number >= 2, got 1\.5"),
+    BadInput("dropout 1.5", ("--config.model.dropout=1.5",), r"model\.dropout must be in \[0, 1\), got 1\.5"),
+    BadInput("ema_rate nan", ("--config.model.ema_rate=nan",), r"model\.ema_rate must be in \[0, 1\), got nan"),
+    BadInput("beta_max below beta_min", ("--config.sde.beta_max=0.05",),
+             r"sde\.beta_max must be a finite number > sde\.beta_min \(0\.1\), got 0\.05"),
+    BadInput("sample: seed -1", ("--config.sampling.seed=-1",), r"sampling\.seed must be an integer >= 0, got -1",
+             mode="sample"),
+    BadInput("eval: bpd_truncation -1", ("--config.eval.bpd_truncation=-1",),
+             r"eval\.bpd_truncation must be a finite number > 0, got -1\.0", mode="eval"),
+    BadInput("eval: one reference image", ("--config.eval.reference_num_images=1",),
+             r"eval\.reference_num_images must be 0 \(all\) or an integer >= 2 \(FID needs at least 2 images\), "
+             r"got 1", mode="eval"),
+    BadInput("compare: num_samples 1", ("--config.compare.num_samples=1",),
+             r"compare\.num_samples must be an integer >= 2 \(FID needs at least 2 images\), got 1", mode="compare"),
+    BadInput("align_steps: learning_rate 0", ("--config.align_steps.learning_rate=0",),
+             r"align_steps\.learning_rate must be a finite number > 0, got 0\.0", mode="align_steps"),
+    BadInput("sample: ode rtol 0", ("--config.sampling.method=ode", "--config.sampling.options.rtol=0"),
+             r"sampling\.options: rtol must be positive, got 0\.0", mode="sample"),
+    BadInput("sample: explicit schedule not decreasing",
+             (f"--config.sampling.options.schedule={Path(__file__).parent / 'schedules' / 'not_decreasing.json'}",),
+             r"sampling\.options: an explicit schedule must decrease strictly from T to a time > 0, "
+             r"got \[1\.0, 0\.3, 0\.5, 0\.001\]", mode="sample"),
+    BadInput("sample: explicit schedule with NaN",
+             (f"--config.sampling.options.schedule={Path(__file__).parent / 'schedules' / 'nan.json'}",),
+             r"sampling\.options: an explicit schedule's times must be finite numbers, got \[1\.0, nan, ",
+             mode="sample"),
+    BadInput("resume under another sde", ("--config.sde.name=subvp",),
+             r"holds a run trained with another config: sde\.name='subvp' \(the run: 'vp'\)\. Resume with the "
+             r"run's config", prepare=_run_of_another_config),
+    BadInput("resume under another model", ("--config.model.nf=16",),
+             r"another config: model\.nf=16 \(the run: 8\)", prepare=_run_of_another_config),
+    BadInput("resume on other data", ("--config.data.classes=(3,)",),
+             r"another config: data\.classes=\[3\] \(the run: \[\]\)", prepare=_run_of_another_config),
+    BadInput("resume in discrete time", ("--config.training.continuous=False",),
+             r"another config: training\.continuous=False \(the run: True\)", prepare=_run_of_another_config),
+    BadInput("sample: weights with a flipped bit", (),
+             r"weights \S+flipped\.safetensors are damaged: their content does not match the SHA-256 digest",
+             prepare=_weights(_flip_last_tensor_byte, "flipped.safetensors"), mode="sample"),
+    BadInput("sample: NaN weights", (), r"weights \S+nan\.safetensors: \S+ holds \d+ non-finite values",
+             prepare=_weights(_nan_weights_file, "nan.safetensors"), mode="sample"),
+    BadInput("sample: a checkpoint with NaN EMA weights", (),
+             r"nan\.pt \(ema weights\): \S+ holds \d+ non-finite values",
+             prepare=_weights(_nan_state, "nan.pt", as_checkpoint=True), mode="sample"),
+    BadInput("sample: a bare tensor as the checkpoint", (), r"bare\.pt holds a Tensor, not a checkpoint",
+             prepare=_weights(lambda state: torch.zeros(3), "bare.pt", as_checkpoint=True), mode="sample"),
+    BadInput("sample: a checkpoint without EMA", (), r"no_ema\.pt is not a training checkpoint of this toolkit: "
+             r"it lacks 'ema'", prepare=_weights(lambda state: {"model": state["model"], "step": 3}, "no_ema.pt",
+                                                 as_checkpoint=True), mode="sample"),
+    BadInput("train: NaN init weights", (), r"weights \S+nan_init\.safetensors: \S+ holds \d+ non-finite values",
+             prepare=_weights(_nan_weights_file, "nan_init.safetensors")),
 )
 
 
@@ -193,3 +340,46 @@ class TouchMarker:
 
     def __reduce__(self):
         return os.system, (f"touch {self.marker}",)
+
+
+#: A ``sitecustomize`` that injects operating-system faults into a main.py subprocess, driven
+#: by environment variables (tests run as root, where file modes stop nothing):
+#: FAULT_READ=<file name>: reading it (``Path.read_bytes``) fails with EIO;
+#: FAULT_FSYNC=<name prefix>:<n>: the n-th fsync of a temporary file whose name starts with
+#: ``.<name prefix>`` fails with ENOSPC (a disk that fills up while a checkpoint is written).
+_FAULT_HOOKS = '''
+import errno, os, pathlib
+
+_read_bytes = pathlib.Path.read_bytes
+def _failing_read_bytes(path):
+    if path.name == os.environ.get("FAULT_READ"):
+        raise OSError(errno.EIO, "Input/output error", str(path))
+    return _read_bytes(path)
+pathlib.Path.read_bytes = _failing_read_bytes
+
+_fsync, _fsyncs = os.fsync, [0]
+def _failing_fsync(fd):
+    prefix, _, nth = os.environ.get("FAULT_FSYNC", "").partition(":")
+    if prefix:
+        try:
+            name = os.path.basename(os.readlink(f"/proc/self/fd/{fd}"))
+        except OSError:
+            name = ""
+        if name.startswith("." + prefix) and name.endswith(".tmp"):
+            _fsyncs[0] += 1
+            if _fsyncs[0] == int(nth):
+                raise OSError(errno.ENOSPC, "No space left on device")
+    return _fsync(fd)
+os.fsync = _failing_fsync
+'''
+
+
+def fault_environment(tmp: Path, **faults: str) -> dict[str, str]:
+    """The environment of a subprocess with ``_FAULT_HOOKS`` installed and ``faults`` (e.g.
+    ``FAULT_READ="t10k-labels-idx1-ubyte.gz"``) switched on."""
+    hooks = Path(tmp) / "fault_hooks"
+    hooks.mkdir(parents=True, exist_ok=True)
+    (hooks / "sitecustomize.py").write_text(_FAULT_HOOKS)
+    env = {key: value for key, value in os.environ.items() if key != "SDE_TRACEBACK"}
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(hooks), env.get("PYTHONPATH", "")]))
+    return {**env, "OMP_NUM_THREADS": "1", **faults}
