@@ -8,9 +8,11 @@ have -- ends the run with one line on stderr and exit code 2, before any expensi
 """
 import importlib
 import importlib.util
+import logging
 import os
 import signal
 import sys
+import textwrap
 from pathlib import Path
 
 from absl import app, flags
@@ -93,8 +95,35 @@ def _unknown_override(argv: list[str]) -> str | None:
     return None
 
 
+HELP_FLAGS = ("-h", "--help", "-help", "--helpshort", "--helpfull")
+
+
+def usage() -> str:
+    """What ``--help`` prints: the command, the modes, the configs and where every key is."""
+    from configs.default import get_default_config
+
+    configs = sorted(path.name for path in (Path(__file__).parent / "configs").glob("*.py")
+                     if path.stem not in ("__init__", "default"))
+    groups = [name for name, value in get_default_config().items() if hasattr(value, "keys")]
+    paragraphs = [
+        f"--mode: {' | '.join(MODES)} (default: train). --workdir: the run directory (default: "
+        f"runs/<config name>). --config: a config file, one of {', '.join(configs)}.",
+        "Any config key can be set on the command line, e.g. --config.training.n_iters=200 or "
+        f"--config.sampling.method=heun. The groups of keys are {', '.join(groups)}; configs/default.py "
+        "lists every key with its default and a comment, and README.md says what each mode does and writes.",
+        "Example: python main.py --config configs/mnist_quick.py --mode train",
+    ]
+    return "\n\n".join(["usage: python main.py --config configs/<name>.py [--mode MODE] [--workdir DIR] "
+                        "[--config.<group>.<key>=VALUE ...]",
+                        *(textwrap.fill(paragraph, 92) for paragraph in paragraphs)])
+
+
 def parse_flags(argv: list[str]) -> list[str]:
-    """absl's flag parsing, with a bad flag or config override reported like any bad input."""
+    """absl's flag parsing, with a bad flag or config override reported like any bad input;
+    ``--help`` prints ``usage()`` and exits with 0."""
+    if any(arg in HELP_FLAGS for arg in argv[1:]):
+        print(usage(), flush=True)
+        sys.exit(0)
     config_file = _config_file(argv)
     if config_file is not None and not Path(config_file).is_file():
         fail(f"--config {config_file}: no such config file")
@@ -111,6 +140,9 @@ def run_mode(mode: str, config, workdir: str) -> dict:
     """Run ``mode`` (a key of ``MODES``) on ``config`` in ``workdir``; returns its summary."""
     if mode not in MODES:
         raise ValueError(f"unknown mode {mode!r}; accepted: {', '.join(MODES)}")
+    from sde import progress
+
+    progress.set_quiet(config.get("quiet", False) is True)
     return importlib.import_module(MODES[mode]).run(config, workdir)
 
 
@@ -119,6 +151,9 @@ def main(argv):
     from sde.configuration import USER_ERRORS
     from sde.divergence import TrainingDiverged
 
+    # absl shows INFO records; matplotlib's (e.g. "generated new fontManager" on a first run)
+    # are not the toolkit's to show
+    logging.getLogger("matplotlib").setLevel(logging.WARNING)
     workdir = FLAGS.workdir or str(Path("runs") / Path(FLAGS["config"].config_filename).stem)
     signal.signal(signal.SIGTERM, _terminate)
     try:

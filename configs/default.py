@@ -13,6 +13,7 @@ def get_default_config() -> ml_collections.ConfigDict:
     config.seed = 0
     config.device = "auto"  # "auto" picks cuda when available, else cpu; or "cpu", "cuda:0"
     config.tf32 = True      # TF32 matmuls and convolutions on CUDA GPUs that have them (Ampere+)
+    config.quiet = False    # True: no progress bars (each stage's one-line summary stays)
 
     config.data = data = ml_collections.ConfigDict()
     data.dataset = "mnist"        # mnist | cifar10 | toy

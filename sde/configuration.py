@@ -42,6 +42,7 @@ def validate(config) -> None:
             f"unknown sde.schedule {config.sde.schedule!r}; accepted: {', '.join(SCHEDULES)}")
     parse_device(config.device)
     require(isinstance(config.tf32, bool), f"tf32 must be True or False, got {config.tf32!r}")
+    require(isinstance(config.quiet, bool), f"quiet must be True or False, got {config.quiet!r}")
     check_model_config(config)
     data.validate_data_config(config)
 

@@ -9,9 +9,8 @@ from typing import Any, Iterator
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
-
 from sde import data, samplers
+from sde.progress import bar as progress_bar
 
 
 def sample_generators(seed: int, first: int, count: int, device: torch.device) -> list[torch.Generator]:
@@ -40,10 +39,30 @@ def generate(config, model, sde, device: torch.device, *, num_samples: int, seed
     """
     batch_size = config.sampling.batch_size
     starts = list(range(0, num_samples, batch_size))[shard[0]::shard[1]]
-    for first in tqdm(starts, desc=f"{method} x{steps}", disable=not progress, dynamic_ncols=True):
-        count = min(batch_size, num_samples - first)
-        generators = sample_generators(seed, first, count, device)
-        with torch.no_grad():
-            x, info = samplers.sample(method, model, sde, data.sample_shape(config, count),
-                                      steps=steps, generator=generators, disable=True, **options)
-        yield first, x, info
+    per_batch = samplers.nfe_for_steps(method, steps, **options)  # None: adaptive, counted as it goes
+    # The bar counts network evaluations (one per batched call), so that it moves with every
+    # sampler step even when all samples are one batch; the images done show beside it.
+    bar = progress_bar(desc=f"sampling {sum(min(batch_size, num_samples - s) for s in starts)} images "
+                            f"({method}, {steps} steps)", unit="NFE", total=per_batch and per_batch * len(starts),
+                       disable=not progress)
+
+    def count_evaluation(*_) -> None:  # a forward hook: returning None keeps the output
+        bar.update(1)
+
+    counting = (model.register_forward_hook(count_evaluation)
+                if isinstance(model, torch.nn.Module) and not bar.disable else None)
+    done = 0
+    try:
+        for first in starts:
+            count = min(batch_size, num_samples - first)
+            generators = sample_generators(seed, first, count, device)
+            with torch.no_grad():
+                x, info = samplers.sample(method, model, sde, data.sample_shape(config, count),
+                                          steps=steps, generator=generators, disable=True, **options)
+            done += count
+            bar.set_postfix(images=done, refresh=False)
+            yield first, x, info
+    finally:
+        if counting is not None:
+            counting.remove()
+        bar.close()

@@ -94,6 +94,11 @@ def fid_vs_nfe_plot(rows: list[dict[str, Any]], path: Path) -> None:
     plain = matplotlib.ticker.FuncFormatter(lambda value, _: f"{value:g}")
     axis.yaxis.set_major_formatter(plain)
     axis.yaxis.set_minor_formatter(plain)
+    # ticks at the NFEs measured, written plainly (a log axis over less than a decade would
+    # otherwise label its minor ticks as 1.02x10^1)
+    axis.set_xticks(sorted({row["nfe"] for row in rows}))
+    axis.xaxis.set_major_formatter(plain)
+    axis.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
     axis.set_xlabel("network evaluations per sample (NFE)")
     axis.set_ylabel("FID")
     axis.grid(True, which="both", alpha=0.3)

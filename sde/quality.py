@@ -18,6 +18,7 @@ import torch
 
 from sde import data, distributed, samplers
 from sde.generation import generate
+from sde.progress import bar as progress_bar
 from sde.workdir import Workdir
 
 #: Samples kept for a grid picture.
@@ -59,11 +60,25 @@ def reference_features(config, run: Workdir, inception, *, shard: tuple[int, int
     reference, _ = data.evaluation_subset(*data.load_dataset(config),
                                           config.eval.reference_num_images, seed=config.seed)
     digest = hashlib.sha1(reference.numpy().tobytes()).hexdigest()[:10]
-    return reference_stats(run.eval, dataset=config.data.dataset,
-                           split=f"{config.data.split}-{digest}", count=len(reference),
-                           images=lambda: _uint8_batches(reference, config.eval.batch_size),
-                           extractor=inception, shard=shard, sum_arrays=distributed.all_reduce_arrays,
-                           write_cache=shard[0] == 0)
+    computed = []
+
+    def batches():  # called only when the cache misses: the long stage, with its bar
+        computed.append(time.perf_counter())
+        with progress_bar(desc=f"reference Inception statistics ({config.data.split})", unit="img",
+                          total=len(reference), disable=shard[0] != 0) as bar:
+            for batch in _uint8_batches(reference, config.eval.batch_size):
+                yield batch
+                bar.update(len(batch))
+
+    features = reference_stats(run.eval, dataset=config.data.dataset,
+                               split=f"{config.data.split}-{digest}", count=len(reference), images=batches,
+                               extractor=inception, shard=shard, sum_arrays=distributed.all_reduce_arrays,
+                               write_cache=shard[0] == 0)
+    if shard[0] == 0:
+        print(f"reference statistics: {len(reference):,} {config.data.dataset} {config.data.split} images, "
+              + (f"computed in {time.perf_counter() - computed[0]:.0f} s and cached in {run.eval}" if computed
+                 else f"from the cache in {run.eval}"), flush=True)
+    return features
 
 
 def sample_quality(config, model, sde, device, *, method: str, steps: int, options: dict,
@@ -108,4 +123,7 @@ def sample_quality(config, model, sde, device, *, method: str, steps: int, optio
     metrics.update(compare_feature_sets(features.feature_set(), reference, seed=config.sampling.seed))
     if classifier is not None:
         metrics["classifier"] = classifier.result()
+    if progress:
+        print(f"samples: {num_samples:,} in {metrics['wall_time_s']:.0f} s ({method}, {metrics['nfe']} NFE); "
+              f"FID {metrics['fid']:.3f}", flush=True)
     return metrics, distributed.sum_over_ranks(grid).numpy()

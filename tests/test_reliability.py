@@ -346,7 +346,7 @@ def test_legitimate_runs_stay_far_from_the_divergence_line(name, tmp_path, monke
 
     config = importlib.import_module(f"configs.{name}").get_config()
     config.data.data_dir, config.data.split, config.data.download = str(MNIST_DIR), "test", False
-    config.training.batch_size, config.training.n_iters, config.training.snapshot_freq = 16, 100, 20
+    config.training.batch_size, config.training.n_iters, config.training.snapshot_freq = 8, 100, 20
     config.training.sample_freq = 10**6
     config.training.amp = "none"  # bf16 autocast is far slower on CPUs without AVX512-BF16 / AMX
     config.training.init_weights = config.training.init_weights and str(ROOT / config.training.init_weights)

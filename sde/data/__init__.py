@@ -19,8 +19,8 @@ import pkgutil
 from sde.data.cifar10 import (CIFAR10_ARCHIVE, CIFAR10_DIR, CIFAR10_IMAGE_SIZE, CIFAR10_MD5,
                               CIFAR10_NUM_CHANNELS, CIFAR10_SPLIT_FILES, CIFAR10_URL, load_cifar10,
                               read_cifar10_batch)
-from sde.data.datasets import (DATASETS, KINDS, NUM_CLASSES, Dataset, evaluation_subset, get_dataset,
-                               load_dataset, register, sample_shape, validate_data_config)
+from sde.data.datasets import (DATASETS, KINDS, NUM_CLASSES, Dataset, describe, evaluation_subset,
+                               get_dataset, load_dataset, register, sample_shape, validate_data_config)
 from sde.data.files import DOWNLOAD_TIMEOUT_S, Fetch, fetch_url, file_md5
 from sde.data.mnist import (IDX_IMAGES_MAGIC, IDX_LABELS_MAGIC, IDX_UBYTE_TYPE_CODE,
                             MNIST_EMBEDDED_SPLIT, MNIST_EMBEDDED_SPLITS, MNIST_IMAGE_SIZE, MNIST_MD5,
@@ -48,7 +48,7 @@ __all__ = [
     "MNIST_EMBEDDED_SPLIT", "MNIST_EMBEDDED_SPLITS", "MNIST_IMAGE_SIZE",
     "MNIST_MD5", "MNIST_MIRRORS", "MNIST_NUM_CHANNELS", "MNIST_SPLIT_FILES", "NUM_CLASSES",
     "NUM_PIXEL_LEVELS", "SPIRAL_NOISE_STD", "SPIRAL_TURNS", "SPLITS", "TOY_DIM", "TOY_NAMES", "TWO_GAUSSIANS_COVS",
-    "TWO_GAUSSIANS_MEANS", "TWO_GAUSSIANS_WEIGHTS", "create_batch_stream", "evaluation_subset",
+    "TWO_GAUSSIANS_MEANS", "TWO_GAUSSIANS_WEIGHTS", "create_batch_stream", "describe", "evaluation_subset",
     "fetch_url", "file_md5", "float_to_uint8", "get_dataset", "load_cifar10", "load_dataset", "load_mnist",
     "load_toy", "read_cifar10_batch", "read_idx", "register", "sample_shape", "sample_spiral", "toy_mixture",
     "training_view", "uint8_to_float", "validate_data_config",

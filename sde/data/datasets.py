@@ -43,6 +43,7 @@ class Dataset:
       (classifier confidence and class histogram), or None.
     preview_split: the split whose examples are shown beside samples (the forward-noising
       rows of a trajectory); None: ``data.split``.
+    other_splits: a hint shown beside a run's data line, e.g. how to train on the full set.
     """
 
     name: str
@@ -54,6 +55,7 @@ class Dataset:
     num_classes: int = 0
     classifier: str | None = None
     preview_split: str | None = None
+    other_splits: str = ""
 
     def __post_init__(self):
         if self.kind not in KINDS:
@@ -142,3 +144,13 @@ def evaluation_subset(images: Tensor, labels: Tensor | None, count: int, seed: i
         return images, labels
     order = randomness.randperm(len(images), generator=torch.Generator().manual_seed(seed))[:count]
     return images[order], None if labels is None else labels[order]
+
+
+def describe(config, count: int) -> str:
+    """The one line a run prints about its data: set, split, size and, for a subset, the hint
+    of how to use the rest (``Dataset.other_splits``)."""
+    dataset = get_dataset(config.data.dataset)
+    if dataset.kind == "points":
+        return f"{config.data.dataset} ({config.data.toy_name}), {count:,} points"
+    text = f"{config.data.dataset} {config.data.split} split, {count:,} images"
+    return f"{text}; {dataset.other_splits}" if dataset.other_splits and config.data.split != "train" else text

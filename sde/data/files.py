@@ -56,6 +56,7 @@ def download_file(destination: Path, urls: Sequence[str], expected_md5: str | No
     that a later run would take for the real one.
     """
     failures = []
+    created = not destination.parent.exists()
     try:
         destination.parent.mkdir(parents=True, exist_ok=True)
     except OSError as err:
@@ -65,7 +66,7 @@ def download_file(destination: Path, urls: Sequence[str], expected_md5: str | No
         os.close(handle)
         temp_path = Path(temp_name)
         try:
-            _logger.info("downloading %s", url)
+            _logger.debug("downloading %s", url)
             fetch(url, temp_path, DOWNLOAD_TIMEOUT_S)
             check_md5(file_md5(temp_path), url, expected_md5)
             os.replace(temp_path, destination)
@@ -74,4 +75,6 @@ def download_file(destination: Path, urls: Sequence[str], expected_md5: str | No
             failures.append(f"{url}: {err}")
         finally:
             temp_path.unlink(missing_ok=True)
+    if created and not any(destination.parent.iterdir()):
+        destination.parent.rmdir()  # a failed download leaves no empty folder behind
     return "; ".join(failures)

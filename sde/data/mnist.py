@@ -150,10 +150,11 @@ def load_mnist(data_dir: str | Path, split: str, *, download: bool, checksums: M
                                             checksums.get(path.name), fetch)) is not None]
         if not failures:
             return _read_mnist_pair(image_path, label_path, checksums)
-        reason = "download failed: " + "; ".join(failures)
-    warnings.warn(f"MNIST split {split!r} was not found in {data_dir} (missing {', '.join(p.name for p in missing)}; "
-                  f"{reason}); using the embedded copy of the MNIST {MNIST_EMBEDDED_SPLIT!r} split (10,000 images) "
-                  "instead", EmbeddedMNISTWarning, stacklevel=2)
+        url, _, error = failures[0].split("; ")[0].partition(": ")  # the first mirror's answer
+        first = f"{url.rsplit('/', 1)[-1]}: {error}"
+        reason = "download failed: " + (first if len(first) <= 120 else first[:117] + "...")
+    warnings.warn(f"MNIST {split!r} is not in {data_dir} ({reason}); using the embedded MNIST "
+                  f"{MNIST_EMBEDDED_SPLIT!r} split (10,000 images) instead", EmbeddedMNISTWarning, stacklevel=2)
     return _read_embedded(MNIST_EMBEDDED_SPLIT)
 
 
@@ -174,4 +175,5 @@ def _check(data: ml_collections.ConfigDict) -> None:
 DATASET = register(Dataset(
     name="mnist", kind="image", splits=tuple(MNIST_SPLIT_FILES), load=_load,
     example_shape=lambda data: (MNIST_NUM_CHANNELS, MNIST_IMAGE_SIZE, MNIST_IMAGE_SIZE),
-    check=_check, num_classes=NUM_CLASSES, classifier="mnist", preview_split="test"))
+    check=_check, num_classes=NUM_CLASSES, classifier="mnist", preview_split="test",
+    other_splits="full MNIST (60,000 images): --config.data.split=train (downloaded once into data.data_dir)"))

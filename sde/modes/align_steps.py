@@ -21,6 +21,7 @@ from sde.checks import require
 from sde.configuration import sampler_options
 from sde.distributed import resolve_device
 from sde.inference import load_ema_model
+from sde.progress import bar as progress_bar
 from sde.samplers import align_steps
 from sde.samplers.schedules import is_explicit
 from sde.sdes import create_sde
@@ -70,18 +71,18 @@ def align(config, workdir: str | Path) -> dict[str, Any]:
     running_on = environment.announce(device, model=model)
     generator = torch.Generator().manual_seed(config.seed)
     start = time.perf_counter()
-    log_every = max(1, settings.iterations // 10)
+    bar = progress_bar(desc=f"align_steps ({steps} levels)", unit="iter", total=settings.iterations)
 
     def progress(iteration: int, times: torch.Tensor, loss: float) -> None:
-        if (iteration + 1) % log_every == 0:
-            print(f"align_steps {iteration + 1}/{settings.iterations}: KLUB {loss:.1f}, "
-                  f"t = [{', '.join(f'{t:.4f}' for t in times.tolist())}]", flush=True)
+        bar.set_postfix(klub=f"{loss:.1f}", refresh=False)
+        bar.update(1)
 
-    times, info = align_steps.fit_schedule(
-        model, sde, training_data_source(config), steps, eps=float(resolved["eps"]),
-        initial=resolved["schedule"], iterations=settings.iterations,
-        batch_size=settings.batch_size, learning_rate=settings.learning_rate,
-        generator=generator, progress=progress)
+    with bar:
+        times, info = align_steps.fit_schedule(
+            model, sde, training_data_source(config), steps, eps=float(resolved["eps"]),
+            initial=resolved["schedule"], iterations=settings.iterations,
+            batch_size=settings.batch_size, learning_rate=settings.learning_rate,
+            generator=generator, progress=progress)
     wall_time = time.perf_counter() - start
     record = {"t": times.tolist(), "steps": steps, "eps": float(resolved["eps"]),
               "initial_schedule": resolved["schedule"],

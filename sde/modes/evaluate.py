@@ -15,6 +15,7 @@ classifier averages up to the order of float64 additions. Only rank 0 writes and
 from __future__ import annotations
 
 import math
+import time
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +27,7 @@ from sde.checks import require
 from sde.configuration import sampler_options
 from sde.inference import load_ema_model
 from sde.losses import LossConfig, make_loss_fn
+from sde.progress import bar as progress_bar
 from sde.quality import classifier_metrics_for, inception_for, reference_features, sample_quality
 from sde.sdes import create_sde
 from sde.workdir import Workdir
@@ -74,7 +76,12 @@ def heldout_metrics(config, model, sde, heldout: torch.Tensor, *,
     elbo_part_sums = torch.zeros(num_batches, len(ELBO_PARTS), dtype=torch.float64)
     proposal, pilot_nfe = _elbo_proposal(config, model, sde, heldout, device)
     nfe = torch.tensor([0, pilot_nfe if shard[0] == 0 else 0], dtype=torch.int64)  # (ODE, ELBO)
-    for batch_index in range(shard[0], num_batches, shard[1]):
+    started = time.perf_counter()
+    mine = range(shard[0], num_batches, shard[1])
+    bar = progress_bar(desc=f"held-out bits/dim (ODE, ELBO) of {count} images", unit="img",
+                       total=sum(min(count, (b + 1) * batch_size) - b * batch_size for b in mine),
+                       disable=shard[0] != 0)
+    for batch_index in mine:
         rows = slice(batch_index * batch_size, min(count, (batch_index + 1) * batch_size))
         batch = heldout[rows]
         generator = _batch_generator(config.seed, HELDOUT_LOSS_STREAM, batch_index)
@@ -94,6 +101,9 @@ def heldout_metrics(config, model, sde, heldout: torch.Tensor, *,
             generator=_batch_generator(config.seed, BPD_ELBO_STREAM, batch_index))
         elbo_bits[rows], nfe[1] = info["per_image"], nfe[1] + info["nfe"]
         elbo_part_sums[batch_index] = torch.tensor([info[part] for part in ELBO_PARTS]) * len(batch) * repeats
+        bar.set_postfix(ode_nfe=int(nfe[0]), elbo_nfe=int(nfe[1]), refresh=False)
+        bar.update(len(batch))
+    bar.close()
     loss_sums, ode_bits, elbo_bits, elbo_part_sums, nfe = (
         distributed.sum_over_ranks(tensor) for tensor in (loss_sums, ode_bits, elbo_bits, elbo_part_sums, nfe))
     report: dict[str, Any] = {"heldout_loss": loss_sums.sum().item() / count}
@@ -107,6 +117,10 @@ def heldout_metrics(config, model, sde, heldout: torch.Tensor, *,
     parts = elbo_part_sums.sum(0) / (count * repeats)
     report["bpd_elbo"] = {"mean": mean, "standard_error": standard_error, "nfe": int(nfe[1]),
                           **{part: value.item() for part, value in zip(ELBO_PARTS, parts)}}
+    if shard[0] == 0:
+        print(f"held-out bits/dim of {count} images: ODE {report['bpd_ode']['mean']:.4f} "
+              f"({int(nfe[0])} NFE), ELBO {mean:.4f} ({int(nfe[1])} NFE) in {time.perf_counter() - started:.0f} s",
+              flush=True)
     return report
 
 

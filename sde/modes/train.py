@@ -22,7 +22,6 @@ from typing import Any
 
 import torch
 from torch.utils.tensorboard import SummaryWriter
-from tqdm.auto import tqdm
 
 from sde import checkpoint, configuration, data, distributed, environment, randomness, samplers
 from sde.checks import require
@@ -30,6 +29,7 @@ from sde.configuration import sampler_options
 from sde.divergence import DivergenceGuard, TrainingDiverged
 from sde.inference import load_weights
 from sde.losses import LossConfig, make_loss_fn
+from sde.progress import bar as progress_bar
 from sde.models import count_parameters, create_model
 from sde.sdes import create_sde
 from sde.workdir import TrainingLock, Workdir, WorkdirError
@@ -255,6 +255,7 @@ def _train(config, run: Workdir, context: distributed.Context) -> dict[str, Any]
     running_on = environment.announce(device, processes=context.world_size, model=model, autocast=mode,
                                       show=context.is_main)
     if context.is_main:
+        print(f"data: {data.describe(config, len(stream.data))}", flush=True)
         print(f"model: {config.model.name}, {count_parameters(model):,} parameters", flush=True)
     ema = EMA(model, config.model.ema_rate)
     optimizer = torch.optim.Adam(model.parameters(), lr=train_cfg.lr)
@@ -331,8 +332,8 @@ def _train(config, run: Workdir, context: distributed.Context) -> dict[str, Any]
     recent_losses: collections.deque[float] = collections.deque(maxlen=train_cfg.log_freq)
     images_seen, window_start = 0, time.perf_counter()
     start = time.perf_counter()
-    progress = tqdm(total=train_cfg.n_iters, initial=step, disable=not context.is_main,
-                    desc="train", dynamic_ncols=True)
+    progress = progress_bar(desc="train", unit="step", total=train_cfg.n_iters, initial=step,
+                            disable=not context.is_main)
     with _StopRequest() as stop, contextlib.closing(progress):  # the bar ends before any error line
         while step < train_cfg.n_iters:
             x0 = batches.take()
