@@ -138,10 +138,11 @@ def _run_of_another_config(tmp: Path) -> list[str]:
     return []
 
 
-def _weights(change: Callable[[dict], object], name: str, as_checkpoint: bool = False) -> Callable[[Path], list[str]]:
-    """Weights of the tiny model changed by ``change`` (its state dict -> what is written), as
-    exported .safetensors (with a digest) or as a checkpoint ``.pt``; the option that uses them
-    comes from the BadInput's overrides with ``{path}`` filled in."""
+def _weights(change: Callable, name: str, as_checkpoint: bool = False,
+             option: str = "sampling.checkpoint") -> Callable[[Path], list[str]]:
+    """Weights of the tiny model changed by ``change``, given to the run as ``option``: exported
+    .safetensors (``change`` maps the file's bytes, written with a digest, to the bytes stored)
+    or a checkpoint ``.pt`` (``change`` maps the checkpoint dict to what is saved)."""
     def prepare(tmp: Path) -> list[str]:
         config = make_tiny_config()
         model = create_model(config)
@@ -154,8 +155,7 @@ def _weights(change: Callable[[dict], object], name: str, as_checkpoint: bool = 
             metadata = {"step": "3", "config": json.dumps(config.to_dict(), default=list)}
             checkpoint.export_safetensors(model, path, metadata)
             path.write_bytes(change(path.read_bytes()))
-        return [f"--config.{option}={path}" for option in ("sampling.checkpoint",)] if "init" not in name else \
-            [f"--config.training.init_weights={path}"]
+        return [f"--config.{option}={path}"]
     return prepare
 
 
@@ -320,7 +320,7 @@ BAD_INPUTS: tuple[BadInput, ...] = (
              r"it lacks 'ema'", prepare=_weights(lambda state: {"model": state["model"], "step": 3}, "no_ema.pt",
                                                  as_checkpoint=True), mode="sample"),
     BadInput("train: NaN init weights", (), r"weights \S+nan_init\.safetensors: \S+ holds \d+ non-finite values",
-             prepare=_weights(_nan_weights_file, "nan_init.safetensors")),
+             prepare=_weights(_nan_weights_file, "nan_init.safetensors", option="training.init_weights")),
 )
 
 
