@@ -149,6 +149,15 @@ def model_text(model: dict[str, Any]) -> str:
     return text + (f" (step {model['step']:,})" if model.get("step") and "steps" not in text else "")
 
 
+def network_digest(model: torch.nn.Module) -> str:
+    """10 hex digits of the SHA-256 of a network's tensors (``sde.checkpoint.content_digest``):
+    the key of stored benchmark runs. Samples depend on the tensors alone; a weight file's bytes
+    change with its metadata too (a digest or a config key added), which must not void runs."""
+    from sde.checkpoint import content_digest
+
+    return content_digest(model.state_dict()).removeprefix("sha256:")[:10]
+
+
 def table(header: list[str], rows: list[list[Any]]) -> str:
     """A markdown table."""
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]

@@ -30,7 +30,7 @@ same noise, so they must agree to float precision; a larger difference means the
 mapping or the tables are wrong, and the script stops.
 
 FID and KID of ``--num-samples`` samples are taken against the Inception statistics of the
-training images (``sde.quality.reference_features``, cached in ``--workdir``/eval). The
+training images (``sde.quality.reference_features``, cached once per machine). The
 section gives FID per sampler and budget and FID(our best) / FID(their best) per NFE budget,
 over all samplers run and over the deterministic (probability-flow ODE) samplers of both
 sides; the results go to ``bench/results/peer_samplers.json``. Finished runs are kept in
@@ -40,7 +40,6 @@ samples resolved), so an interrupted benchmark resumes.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import time
 from pathlib import Path
@@ -49,6 +48,7 @@ import torch
 
 from bench import peers
 from bench.common import (add_run_options, apply_threads, footnotes, format_reading, load_config, model_text,
+                          network_digest,
                           repo_relative, table, write_result)
 from bench.sampler_variants import sampler_variants, settings, variant_label
 from sde import data, samplers
@@ -273,7 +273,7 @@ def main() -> None:
     parser.add_argument("--checkpoint", default="release/mnist_vp_release.safetensors",
                         help="exported .safetensors weights or a training checkpoint .pt")
     parser.add_argument("--workdir", default="runs/mnist_vp_release",
-                        help="run directory whose eval/ caches the reference Inception statistics")
+                        help="run directory of the weights when --checkpoint is not a file of its own")
     parser.add_argument("--out", default="bench/results/peer_samplers")
     parser.add_argument("--num-samples", type=int, default=1000)
     parser.add_argument("--batch-size", type=int, default=100)
@@ -331,7 +331,7 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     store_path = out / "runs.json"
     store = json.loads(store_path.read_text()) if store_path.is_file() else {}
-    weights_digest = hashlib.sha1(Path(args.checkpoint).read_bytes()).hexdigest()[:10]
+    weights_digest = network_digest(model)
 
     results = []
     for run in runs:

@@ -25,7 +25,6 @@ interrupted benchmark resumes where it stopped.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import re
 from pathlib import Path
@@ -33,6 +32,7 @@ from pathlib import Path
 import torch
 
 from bench.common import (add_run_options, apply_threads, footnotes, format_reading, load_config, model_text,
+                          network_digest,
                           plot_path, repo_relative, table, write_result)
 from bench.sampler_variants import settings
 from sde import data, samplers
@@ -251,7 +251,7 @@ def main() -> None:
     parser.add_argument("--config", default="configs/mnist_vp_release.py")
     parser.add_argument("--checkpoint", default="release/mnist_vp_release.safetensors")
     parser.add_argument("--workdir", default="runs/mnist_vp_release",
-                        help="run directory whose eval/ caches the reference Inception statistics")
+                        help="run directory of the weights when --checkpoint is not a file of its own")
     parser.add_argument("--out", default="bench/results/sampler_quality", help="where the run store goes")
     parser.add_argument("--num-samples", type=int, default=1000)
     parser.add_argument("--batch-size", type=int, default=100)
@@ -299,7 +299,7 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     store_path = out / "runs.json"
     store = json.loads(store_path.read_text()) if store_path.is_file() else {}
-    weights_digest = hashlib.sha1(Path(args.checkpoint).read_bytes()).hexdigest()[:10]
+    weights_digest = network_digest(model)
 
     def cached(key: str, compute) -> dict:
         if key not in store:

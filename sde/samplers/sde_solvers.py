@@ -32,14 +32,19 @@ The corrector's signal ratio r is the per-step alpha_i = 1 - beta_i of the refer
 VP and 1 for VE; generically r = (alpha(t) / alpha(t - T/N))^2, the squared signal decay
 over one of the SDE's N discrete steps.
 
-``corrector_norm`` says whose norms set the step size e. "sample" (default): each sample's
-own ||z|| and ||score||, as Algorithms 4-5 are written; image k then depends on its own
-generator only. "batch": the norms averaged over the batch, as in the reference code,
-which ties each image to its batch mates. The per-sample ratio ||z||^2 / ||score||^2 is
-heavy-tailed in low dimension and correlates the step with the state: on Gaussian data with
-the exact score the stationary variance of "sample" is far too large in 2-D and close in
-image dimensions, while "batch" keeps only the unadjusted Langevin bias in every dimension.
-Use "batch" for low-dimensional (toy) data.
+``corrector_norm`` says which norms set the step size e. "expected" (default): the
+expectations of the two squared norms, E||z||^2 = d and E||score||^2 = d / sigma_t^2 (the
+conditional score -z / sigma_t of the forward kernel, whose squared norm the trained
+network's target has on average), so that e = 2 r snr^2 sigma_t^2: the same for every sample
+and state. Image k then depends on its own generator only, and the Langevin step is the
+unadjusted Langevin algorithm with a step fixed per level, whose stationary variance on
+Gaussian data of marginal variance v is v / (1 - e / (2 v)) in every dimension.
+"sample": each sample's own ||z|| and ||score||, as Algorithms 4-5 are written; the ratio
+||z||^2 / ||score||^2 is heavy-tailed in low dimension and correlated with the state (a
+sample near the mode has a small score and takes a long step), so on 2-D Gaussian data with
+the exact score the samples come out several times too wide; in image dimensions the norms
+concentrate and it behaves. "batch": the norms averaged over the batch, as in the reference
+code (score_sde's ``LangevinCorrector``), which ties each image to its batch mates.
 """
 from __future__ import annotations
 
@@ -53,7 +58,7 @@ from sde.samplers.spec import Option, SamplerSpec, register, always, first_order
 Tensor = torch.Tensor
 
 
-CORRECTOR_NORMS = ("sample", "batch")
+CORRECTOR_NORMS = ("expected", "sample", "batch")
 PREDICTORS = ("ancestral", "reverse_diffusion")
 
 
@@ -93,15 +98,19 @@ def norms(v: Tensor, corrector_norm: str) -> Tensor:
 
 
 def langevin_step(x: Tensor, score: Tensor, z: Tensor, snr: float, signal_ratio: float,
-                  corrector_norm: str = "sample") -> Tensor:
-    """One Langevin corrector step of Song et al. 2021 Algorithms 4-5 (z ~ N(0, I) given)."""
-    step_size = 2.0 * signal_ratio * (snr * norms(z, corrector_norm) / norms(score, corrector_norm)) ** 2
+                  sigma: float, corrector_norm: str = "expected") -> Tensor:
+    """One Langevin corrector step of Song et al. 2021 Algorithms 4-5 (z ~ N(0, I) given) at
+    the level of noise std ``sigma``; the norms of the step size e as ``corrector_norm`` says."""
+    if corrector_norm == "expected":  # E||z||^2 / E||score||^2 = d / (d / sigma^2)
+        step_size = 2.0 * signal_ratio * (snr * sigma) ** 2
+    else:
+        step_size = 2.0 * signal_ratio * (snr * norms(z, corrector_norm) / norms(score, corrector_norm)) ** 2
     return x + step_size * score + (2.0 * step_size) ** 0.5 * z
 
 
 def pc(model: Denoiser, x: Tensor, grid: NoiseGrid, *, sde, noise: NoiseSource,
        callback: Callback | None = None, disable: bool = False, snr: float = 0.16,
-       n_corrector: int = 1, corrector_norm: str = "sample",
+       n_corrector: int = 1, corrector_norm: str = "expected",
        predictor: str = "ancestral") -> Tensor:
     """Predictor-corrector sampling, Song et al. 2021 Algorithms 2-3 (Langevin corrector)."""
     for i in tqdm(range(len(grid) - 1), disable=disable, desc="pc"):
@@ -111,7 +120,7 @@ def pc(model: Denoiser, x: Tensor, grid: NoiseGrid, *, sde, noise: NoiseSource,
         signal_ratio = langevin_signal_ratio(sde, t)
         for _ in range(n_corrector):
             _, eps = model(x, *level_t)
-            x = langevin_step(x, -eps / sigma_t, noise.randn(x.shape), snr, signal_ratio,
+            x = langevin_step(x, -eps / sigma_t, noise.randn(x.shape), snr, signal_ratio, sigma_t,
                               corrector_norm)
         x0, eps = model(x, *level_t)
         if sigma_s == 0:
@@ -140,8 +149,9 @@ SAMPLERS = register(
                                valid=lambda snr: snr > 0, accepted="be positive"),
                  "n_corrector": Option(1, int, "corrector steps per predictor step",
                                        valid=lambda n: n >= 0, accepted="be a non-negative integer"),
-                 "corrector_norm": Option("sample", str, "norms in the corrector's step size: each "
-                                                         "sample's own, or the batch's mean",
+                 "corrector_norm": Option("expected", str, "norms in the corrector's step size: their "
+                                                           "expectations, each sample's own, or the "
+                                                           "batch's mean",
                                           choices=CORRECTOR_NORMS),
                  "predictor": Option("ancestral", str, "the predictor step", choices=PREDICTORS)},
         nfe=pc_nfe, schedule="log_snr", stochastic=always, reference="Song et al. 2021, Alg. 2-3"),
