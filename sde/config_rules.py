@@ -129,6 +129,8 @@ RULES: dict[str, Rule] = {
     "training.warmup": _int(0),
     "training.grad_clip": _real(low=0, note="0 turns clipping off"),
     "training.eps": _real(low=0, high=1, low_open=True, high_open=True),
+    "training.p2_gamma": _real(low=0, note="0 is the plain loss"),
+    "training.p2_k": _real(low=0, low_open=True, note="k > 0 keeps the weight finite at SNR 0"),
     "training.log_freq": _int(),
     "training.snapshot_freq": _int(),
     "training.sample_freq": _int(),

@@ -20,6 +20,13 @@ loss has the scale of the plain one and the same learning rate serves both:
     uniform t:          w(t) / mean(w) * mse(t)
     importance-sampled: mse(t(lambda)),  lambda ~ U(log_snr(T), log_snr(eps)).
 
+Perception-prioritized weighting (Choi et al. 2022, "Perception Prioritized Training of
+Diffusion Models", eq. 8) rescales the plain loss by w(t) = (k + SNR(t))^-gamma, normalised
+to mean 1 over t ~ U(eps, T) like the likelihood weight: it takes weight from the nearly clean
+levels, where the network learns imperceptible detail, and gives it to the noisy levels where
+the content of an image is decided (on VP with k = gamma = 1, w is sigma(t)^2 up to the
+normalisation). ``p2_gamma = 0`` (the default) is the plain loss.
+
 Discrete time (``training.continuous=False``): Ho et al. 2020 eq. 14, L_simple with the
 integer step i ~ U{1..N}, the DDPM tables (alpha_i, sigma_i) and the network fed t_i = T i/N.
 """
@@ -43,6 +50,23 @@ class LossConfig:
     likelihood_weighting: bool = False
     importance_sampling: bool = True
     eps: float = 1e-5
+    p2_gamma: float = 0.0
+    p2_k: float = 1.0
+
+
+#: Points of the trapezoidal rule that normalises the perception-prioritized weight.
+P2_QUADRATURE_POINTS = 4097
+
+
+def p2_weight(sde: SDE, t: Tensor, cfg: LossConfig) -> Tensor:
+    """(k + SNR(t))^-gamma / its mean over t ~ U(eps, T) (Choi et al. 2022, eq. 8), with
+    SNR = alpha^2 / sigma^2 = exp(2 lambda)."""
+    def raw(times: Tensor) -> Tensor:
+        return (cfg.p2_k + (2.0 * sde.log_snr(times)).exp()) ** -cfg.p2_gamma
+
+    grid = torch.linspace(cfg.eps, sde.T, P2_QUADRATURE_POINTS, dtype=torch.float64, device=t.device)
+    mean = torch.trapezoid(raw(grid), grid) / (sde.T - cfg.eps)
+    return raw(t) / mean
 
 
 def _randn_shard(x0: Tensor, generator: torch.Generator | None, shard: tuple[int, int]) -> Tensor:
@@ -71,7 +95,8 @@ def sample_time(sde: SDE, batch: int, cfg: LossConfig, generator: torch.Generato
                               dtype=torch.float64)[rank * batch:(rank + 1) * batch]
     t_min, t_max = cfg.eps, sde.T
     if not cfg.likelihood_weighting:
-        return t_min + (t_max - t_min) * uniform, torch.ones_like(uniform)
+        t = t_min + (t_max - t_min) * uniform
+        return t, (p2_weight(sde, t, cfg) if cfg.p2_gamma else torch.ones_like(uniform))
     end = torch.tensor([t_min, t_max], dtype=torch.float64, device=device)
     log_snr_max, log_snr_min = sde.log_snr(end)
     if cfg.importance_sampling:

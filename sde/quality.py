@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import hashlib
 import math
+import os
 import time
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -39,8 +41,7 @@ def inception_for(config, device: torch.device):
     """The Inception-v3 feature extractor of FID, as ``config.eval`` points to it."""
     from evaluation import InceptionFeatures
 
-    return InceptionFeatures(config.eval.inception_path or None, device=device,
-                             batch_size=config.eval.batch_size)
+    return InceptionFeatures(config.eval.inception_path or None, device=device)
 
 
 def _uint8_batches(images_uint8: torch.Tensor, batch_size: int):
@@ -48,18 +49,62 @@ def _uint8_batches(images_uint8: torch.Tensor, batch_size: int):
         yield images_uint8[start:start + batch_size]
 
 
-def reference_features(config, run: Workdir, inception, *, shard: tuple[int, int] = (0, 1)):
-    """Inception statistics of the training split, cached in ``workdir/eval``.
+#: The environment variable that moves the user cache (``eval.cache_dir`` takes precedence).
+CACHE_ENV = "SDE_CACHE_DIR"
 
-    The cache key holds dataset, split, count and a digest of the pixels, so a split that
-    fell back to another set of images (offline MNIST) never reuses a wrong cache. With
+
+def cache_dir(config) -> Path:
+    """Where reference statistics are cached, once per machine: ``eval.cache_dir`` if set, else
+    ``$SDE_CACHE_DIR``, else ``$XDG_CACHE_HOME/score-sde-toolkit`` (``~/.cache/...``)."""
+    if config.eval.cache_dir:
+        return Path(config.eval.cache_dir).expanduser()
+    if os.environ.get(CACHE_ENV):
+        return Path(os.environ[CACHE_ENV]).expanduser()
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base).expanduser() / "score-sde-toolkit"
+
+
+def check_cache_dir(config) -> None:
+    """The cache folder exists (made if missing) and is writable: a ValueError naming it and
+    ``eval.cache_dir`` otherwise, before any work (the reference statistics are written there)."""
+    directory = cache_dir(config)
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise ValueError(f"the reference-statistics cache {directory} cannot be created ({error.strerror}); "
+                         f"set eval.cache_dir or ${CACHE_ENV} to a writable folder") from None
+    if not os.access(directory, os.W_OK | os.X_OK):
+        raise ValueError(f"the reference-statistics cache {directory} is not writable; set eval.cache_dir or "
+                         f"${CACHE_ENV} to a writable folder")
+
+
+def reference_key(config, reference: torch.Tensor, inception) -> dict[str, Any]:
+    """What reference statistics depend on: the images (their SHA-256 and count, named by data
+    set and split) and the extractor (``cache_key()``: weights digest, preprocessing version;
+    a stand-in extractor without one is named by its class)."""
+    extractor = (inception.cache_key() if hasattr(inception, "cache_key")
+                 else {"extractor": type(inception).__qualname__})
+    return {"dataset": config.data.dataset, "split": config.data.split, "count": len(reference),
+            "pixels_sha256": hashlib.sha256(reference.numpy().tobytes()).hexdigest(), **extractor}
+
+
+def reference_features(config, run: Workdir, inception, *, shard: tuple[int, int] = (0, 1)):
+    """Inception statistics of the training split, computed once per machine (``cache_dir``).
+
+    The cache key holds dataset, split, count, the SHA-256 of the pixels (a split that fell
+    back to another set of images, such as offline MNIST, never reuses a wrong cache) and the
+    extractor's own key (the Inception weights' digest and preprocessing version), so every
+    workdir, mode and process that evaluates against the same images shares one file. With
     ``shard=(rank, world)`` the ranks compute a missing cache together; rank 0 writes it.
+    ``run`` is unused: the cache is no longer the workdir's (kept for callers' signatures).
     """
     from evaluation import reference_stats
 
     reference, _ = data.evaluation_subset(*data.load_dataset(config),
                                           config.eval.reference_num_images, seed=config.seed)
-    digest = hashlib.sha1(reference.numpy().tobytes()).hexdigest()[:10]
+    key = reference_key(config, reference, inception)
+    directory = cache_dir(config)
+    directory.mkdir(parents=True, exist_ok=True)  # an unusable cache folder fails here, before any work
     computed = []
 
     def batches():  # called only when the cache misses: the long stage, with its bar
@@ -70,14 +115,13 @@ def reference_features(config, run: Workdir, inception, *, shard: tuple[int, int
                 yield batch
                 bar.update(len(batch))
 
-    features = reference_stats(run.eval, dataset=config.data.dataset,
-                               split=f"{config.data.split}-{digest}", count=len(reference), images=batches,
-                               extractor=inception, shard=shard, sum_arrays=distributed.all_reduce_arrays,
-                               write_cache=shard[0] == 0)
+    features = reference_stats(directory, dataset=config.data.dataset, split=config.data.split,
+                               count=len(reference), images=batches, extractor=inception, shard=shard,
+                               sum_arrays=distributed.all_reduce_arrays, write_cache=shard[0] == 0, key=key)
     if shard[0] == 0:
         print(f"reference statistics: {len(reference):,} {config.data.dataset} {config.data.split} images, "
-              + (f"computed in {time.perf_counter() - computed[0]:.0f} s and cached in {run.eval}" if computed
-                 else f"from the cache in {run.eval}"), flush=True)
+              + (f"computed in {time.perf_counter() - computed[0]:.0f} s and cached in {directory}" if computed
+                 else f"from the cache in {directory}"), flush=True)
     return features
 
 

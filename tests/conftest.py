@@ -1,7 +1,25 @@
 """Shared fixtures: tiny trained runs (continuous VP and discrete DDPM) reused across tests."""
+import os
+from pathlib import Path
+
 import pytest
 
 from sde.testing import MNIST_DIR, make_tiny_config  # noqa: F401 (shared with bench/fault_injection.py)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def user_cache(tmp_path_factory):
+    """The per-machine cache (reference Inception statistics) of this test session: a temporary
+    folder, never the user's ~/.cache; subprocesses inherit it through the environment."""
+    from sde.quality import CACHE_ENV
+
+    previous = os.environ.get(CACHE_ENV)
+    os.environ[CACHE_ENV] = str(tmp_path_factory.mktemp("user_cache"))
+    yield Path(os.environ[CACHE_ENV])
+    if previous is None:
+        os.environ.pop(CACHE_ENV, None)
+    else:
+        os.environ[CACHE_ENV] = previous
 
 
 @pytest.fixture(scope="session")

@@ -146,6 +146,7 @@ def run_modes(workdir: Path) -> dict:
     from sde.modes.sample import sample
 
     config = evaluation_config()
+    config.eval.cache_dir = str(workdir / "fid_cache")  # each run computes its own reference statistics
     return {"eval": evaluate(config, workdir), "compare": compare(config, workdir),
             "sample": sample(config, workdir)}
 
@@ -488,8 +489,8 @@ def test_eval_compare_and_sample_on_two_ranks_equal_one_process(tmp_path, tiny_r
     assert results[0]["sample"]["nfe_per_sample"] == expected["sample"]["nfe_per_sample"]
 
     # the reference statistics the ranks computed together
-    [cache] = (ddp / "eval").glob("inception_mnist_test-*_30.npz")
-    computed, expected_set = FeatureSet.load(cache), FeatureSet.load(single / "eval" / cache.name)
+    [cache] = (ddp / "fid_cache").glob("inception_mnist_test_30_*.npz")
+    computed, expected_set = FeatureSet.load(cache), FeatureSet.load(single / "fid_cache" / cache.name)
     assert computed.count == expected_set.count == 30
     np.testing.assert_array_equal(computed.reservoir.features, expected_set.reservoir.features)
     np.testing.assert_allclose(computed.stats.outer_sum, expected_set.stats.outer_sum, rtol=1e-13)
@@ -502,7 +503,8 @@ def test_eval_compare_and_sample_on_two_ranks_equal_one_process(tmp_path, tiny_r
     # rank 0 alone wrote: one event file, one of each output
     assert len(list((ddp / "tb").glob("events.out.tfevents.*"))) == 1
     assert sorted(p.name for p in (ddp / "samples").iterdir()) == sorted(p.name for p in (single / "samples").iterdir())
-    assert {"report_step6.json", "samples_step6.png", cache.name} <= {p.name for p in (ddp / "eval").iterdir()}
+    assert {"report_step6.json", "samples_step6.png"} <= {p.name for p in (ddp / "eval").iterdir()}
+    assert [p.name for p in (ddp / "fid_cache").glob("*.npz")] == [cache.name]
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from evaluation import (
     ClassifierMetrics,
     FeatureReservoir,
+    FeatureSet,
     FeatureStats,
     InceptionFeatures,
     classifier_metrics,
@@ -20,6 +21,7 @@ from evaluation import (
     image_feature_set,
     kid,
     load_classifier,
+    reference_cache_path,
     reference_stats,
 )
 from evaluation.classifier import CLASSIFIER_WEIGHTS, classifier_report, total_variation_from_uniform
@@ -297,6 +299,139 @@ def test_feature_set_save_load_and_reference_cache(tmp_path):
     np.testing.assert_array_equal(cached.reservoir.features, reference.reservoir.features)
     with pytest.raises(ValueError, match="expected count=50"):
         reference_stats(tmp_path, dataset="toyset", split="train", count=50, images=images, extractor=flatten_extractor)
+
+
+def test_reference_cache_is_keyed_checked_and_recomputed_when_damaged(tmp_path, caplog):
+    calls = []
+
+    def images():
+        calls.append(1)
+        return tiny_image_batches(0)
+
+    def stats(key):
+        return reference_stats(tmp_path, dataset="toyset", split="train", count=60, images=images,
+                               extractor=flatten_extractor, kid_capacity=40, key=key)
+
+    key = {"pixels_sha256": "ab12", "inception_sha256": "cd34", "preprocessing": 1}
+    first = stats(key)
+    [path] = tmp_path.glob("inception_toyset_train_60_*.npz")
+    assert path == reference_cache_path(tmp_path, "toyset", "train", 60, key)
+    assert FeatureSet.load(path).metadata == key and len(calls) == 1
+    stats(key)
+    assert len(calls) == 1  # the same key: from the file
+    stats({**key, "inception_sha256": "ef56"})  # another network: another file
+    assert len(calls) == 2 and len(list(tmp_path.glob("inception_toyset_train_60_*.npz"))) == 2
+
+    # a file of this name whose key says otherwise (renamed, or a digest collision): computed again
+    foreign = FeatureSet.load(path)
+    foreign.metadata = {**key, "pixels_sha256": "0000"}
+    foreign.save(path)
+    with caplog.at_level("WARNING"):
+        again = stats(key)
+    assert len(calls) == 3 and "do not match" in caplog.text
+    np.testing.assert_array_equal(again.stats.covariance(), first.stats.covariance())
+    assert FeatureSet.load(path).metadata == key  # and replaced
+
+    # a torn file: a warning, computed again, replaced
+    path.write_bytes(path.read_bytes()[:1000])
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        stats(key)
+    assert len(calls) == 4 and "unreadable" in caplog.text
+    stats(key)
+    assert len(calls) == 4
+
+
+def test_concurrent_processes_compute_a_missing_reference_once(tmp_path):
+    """Two evaluations against the same missing reference at once: the second waits on the
+    first's lock and loads its file (threads hold separate open files, as processes do)."""
+    import threading
+    import time
+
+    extracted = []
+
+    def slow_extractor(batch):
+        extracted.append(len(batch))
+        time.sleep(0.2)
+        return flatten_extractor(batch)
+
+    def run(out):
+        out.append(reference_stats(tmp_path, dataset="toyset", split="train", count=60,
+                                   images=lambda: tiny_image_batches(0), extractor=slow_extractor,
+                                   kid_capacity=40, key={"k": 1}))
+
+    results = []
+    threads = [threading.Thread(target=run, args=(results,)) for _ in range(2)]
+    for thread in threads:
+        thread.start()
+        time.sleep(0.05)
+    for thread in threads:
+        thread.join()
+    assert sum(extracted) == 60  # one pass over the 60 images, not two
+    np.testing.assert_array_equal(results[0].stats.covariance(), results[1].stats.covariance())
+
+
+def test_a_second_workdir_reuses_the_machines_reference_statistics(tmp_path):
+    """sde.quality.reference_features caches per machine (eval.cache_dir), not per workdir."""
+    from sde.quality import reference_features
+    from sde.testing import make_tiny_config
+    from sde.workdir import Workdir
+
+    class CountingExtractor:
+        def __init__(self):
+            self.images = 0
+
+        def cache_key(self):
+            return {"extractor": "counting", "preprocessing": 1}
+
+        def __call__(self, batch):
+            self.images += len(batch)
+            return flatten_extractor(batch)[:, :16]
+
+    config = make_tiny_config()
+    config.eval.reference_num_images = 12
+    config.eval.batch_size = 5
+    config.eval.cache_dir = str(tmp_path / "machine_cache")
+    extractor = CountingExtractor()
+    first = reference_features(config, Workdir(tmp_path / "run_a"), extractor)
+    assert extractor.images == 12
+    second = reference_features(config, Workdir(tmp_path / "run_b"), extractor)
+    assert extractor.images == 12  # the second workdir computed nothing
+    np.testing.assert_array_equal(first.stats.covariance(), second.stats.covariance())
+    [cached] = (tmp_path / "machine_cache").glob("*.npz")
+    assert FeatureSet.load(cached).metadata["pixels_sha256"] and not list((tmp_path / "run_b").rglob("*.npz"))
+    config.eval.reference_num_images = 10  # another reference set: computed
+    reference_features(config, Workdir(tmp_path / "run_b"), extractor)
+    assert extractor.images == 22
+
+
+def test_the_cache_directory_follows_the_config_then_the_environment_then_xdg(monkeypatch, tmp_path):
+    from sde.quality import CACHE_ENV, cache_dir
+    from sde.testing import make_tiny_config
+
+    config = make_tiny_config()
+    monkeypatch.setenv(CACHE_ENV, str(tmp_path / "env"))
+    assert cache_dir(config) == tmp_path / "env"
+    config.eval.cache_dir = str(tmp_path / "key")
+    assert cache_dir(config) == tmp_path / "key"
+    config.eval.cache_dir = ""
+    monkeypatch.delenv(CACHE_ENV)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert cache_dir(config) == tmp_path / "xdg" / "score-sde-toolkit"
+    monkeypatch.delenv("XDG_CACHE_HOME")
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    assert cache_dir(config) == tmp_path / "home" / ".cache" / "score-sde-toolkit"
+
+
+def test_inception_cache_key_is_the_weights_digest_and_preprocessing_version():
+    import hashlib
+
+    from evaluation.inception import PREPROCESSING_VERSION
+
+    extractor = InceptionFeatures()
+    key = extractor.cache_key()
+    assert key == {"inception_sha256": hashlib.sha256(extractor.weights_path.read_bytes()).hexdigest(),
+                   "preprocessing": PREPROCESSING_VERSION}
 
 
 def test_compare_feature_sets_same_vs_different_images():

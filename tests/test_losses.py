@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from sde import SubVPSDE, VESDE, VPSDE
-from sde.losses import LossConfig, make_loss_fn, sample_time
+from sde.losses import LossConfig, make_loss_fn, p2_weight, sample_time
 
 DATA_STD = 0.5
 
@@ -32,15 +32,18 @@ def expected_loss(sde, cfg, points=200001):
     weight = torch.ones_like(t)
     if cfg.likelihood_weighting:
         weight = sde.diffusion_sq(t) / sde.sigma(t) ** 2
-        weight = weight / (torch.trapezoid(weight, t) / (sde.T - cfg.eps))
+    elif cfg.p2_gamma:  # Choi et al. 2022 eq. 8 written out: (k + alpha^2 / sigma^2)^-gamma
+        weight = (cfg.p2_k + sde.alpha(t) ** 2 / sde.sigma(t) ** 2) ** -cfg.p2_gamma
+    weight = weight / (torch.trapezoid(weight, t) / (sde.T - cfg.eps))
     return (torch.trapezoid(weight * optimal_mse(sde.alpha(t), sde.sigma(t)), t) / (sde.T - cfg.eps)).item()
 
 
 @pytest.mark.parametrize("sde", [VPSDE(), SubVPSDE(), VESDE(0.01, 5.0)], ids=["vp", "subvp", "ve"])
-@pytest.mark.parametrize("weighting", ["plain", "likelihood_uniform", "likelihood_importance"])
+@pytest.mark.parametrize("weighting", ["plain", "likelihood_uniform", "likelihood_importance", "p2"])
 def test_continuous_loss_of_optimal_model_matches_closed_form(sde, weighting):
-    cfg = LossConfig(continuous=True, likelihood_weighting=weighting != "plain",
-                     importance_sampling=weighting == "likelihood_importance", eps=1e-3)
+    cfg = LossConfig(continuous=True, likelihood_weighting=weighting.startswith("likelihood"),
+                     importance_sampling=weighting == "likelihood_importance", eps=1e-3,
+                     p2_gamma=0.5 if weighting == "p2" else 0.0, p2_k=2.0)
     loss_fn = make_loss_fn(sde, cfg)
     generator = torch.Generator().manual_seed(0)
     model = continuous_oracle(sde)
@@ -51,6 +54,19 @@ def test_continuous_loss_of_optimal_model_matches_closed_form(sde, weighting):
     # 8 x 4096 draws of a bounded estimator (uniform weighting: heavy-ish tail near eps)
     tolerance = 5 * estimates.std().item() / math.sqrt(len(estimates)) + 1e-3
     assert abs(estimates.mean().item() - expected) < tolerance
+
+
+def test_p2_weight_is_sigma_squared_on_vp_with_k_and_gamma_one_and_has_mean_one():
+    """On VP alpha^2 + sigma^2 = 1, so 1 / (1 + SNR) = sigma^2; normalised to mean 1 over t."""
+    sde = VPSDE()
+    cfg = LossConfig(eps=1e-3, p2_gamma=1.0, p2_k=1.0)
+    t = torch.linspace(cfg.eps, sde.T, 100001, dtype=torch.float64)
+    weight = p2_weight(sde, t, cfg)
+    sigma_sq = sde.sigma(t) ** 2
+    assert torch.allclose(weight / weight[-1], sigma_sq / sigma_sq[-1], rtol=1e-9)
+    assert (torch.trapezoid(weight, t) / (sde.T - cfg.eps)).item() == pytest.approx(1.0, abs=1e-6)
+    drawn, drawn_weight = sample_time(sde, 1000, cfg, torch.Generator().manual_seed(0))
+    assert drawn_weight.std() > 0.1 and torch.allclose(drawn_weight, p2_weight(sde, drawn, cfg))
 
 
 def test_likelihood_weight_is_minus_twice_log_snr_rate():

@@ -151,6 +151,45 @@ def test_ema_decay_ramps_up_so_the_initial_weights_fade():
     assert abs(initial_weight - expected) < 1e-6  # float32 resolution near 1
 
 
+def test_learning_rate_warms_up_then_holds_or_follows_a_half_cosine_to_zero():
+    """lr_t = lr (t+1)/warmup during the warm-up; then lr, or lr (1 + cos(pi p))/2 with p the
+    fraction of the post-warm-up steps done (SGDR's eq. 5, one cycle, floor 0)."""
+    import math
+
+    from sde.modes.train import check, learning_rate
+
+    config = tiny_config()
+    train_cfg = config.training
+    train_cfg.lr, train_cfg.warmup, train_cfg.n_iters = 1e-3, 10, 110
+    assert [learning_rate(config, t) for t in (0, 4, 9)] == pytest.approx([1e-4, 5e-4, 1e-3])
+    assert {learning_rate(config, t) for t in (10, 60, 109)} == {1e-3}
+    train_cfg.lr_schedule = "cosine"
+    assert learning_rate(config, 4) == pytest.approx(5e-4)  # the warm-up is the same
+    assert learning_rate(config, 10) == pytest.approx(1e-3)
+    assert learning_rate(config, 60) == pytest.approx(5e-4)  # halfway: cos(pi/2) = 0
+    assert learning_rate(config, 35) == pytest.approx(1e-3 * (1 + math.cos(math.pi / 4)) / 2)
+    assert 0 < learning_rate(config, 109) < 1e-6 and learning_rate(config, 110) == 0
+    rates = [learning_rate(config, t) for t in range(10, 111)]
+    assert all(a >= b for a, b in zip(rates, rates[1:]))
+    train_cfg.lr_schedule = "linear"
+    with pytest.raises(ValueError, match=r"training.lr_schedule must be one of constant, cosine, got 'linear'"):
+        check(config)
+
+
+def test_p2_weighting_is_refused_where_it_has_no_meaning():
+    from sde.modes.train import check
+
+    config = tiny_config()
+    config.training.p2_gamma = 1.0
+    check(config)  # the plain continuous loss: fine
+    config.training.likelihood_weighting = True
+    with pytest.raises(ValueError, match="training.p2_gamma reweights the plain continuous loss"):
+        check(config)
+    config.training.likelihood_weighting, config.training.continuous = False, False
+    with pytest.raises(ValueError, match="training.p2_gamma reweights the plain continuous loss"):
+        check(config)
+
+
 def test_amp_takes_none_bf16_fp16_and_the_booleans_of_older_configs():
     from sde.modes.train import check, precision
 

@@ -19,7 +19,7 @@ from typing import Any
 from sde import configuration, data, distributed, environment, images, samplers
 from sde.checkpoint import atomic_write
 from sde.inference import load_ema_model
-from sde.quality import classifier_metrics_for, inception_for, reference_features, sample_quality
+from sde.quality import check_cache_dir, classifier_metrics_for, inception_for, reference_features, sample_quality
 from sde.sdes import create_sde
 from sde.workdir import Workdir
 
@@ -53,6 +53,7 @@ def check(config) -> None:
     if not dataset.is_image:
         raise ValueError(f"--mode compare measures FID of images; data.dataset={dataset.name!r} has none")
     validate_runs(config)
+    check_cache_dir(config)
 
 
 def run(config, workdir: str | Path) -> dict[str, Any]:

@@ -28,7 +28,7 @@ from sde.configuration import sampler_options
 from sde.inference import load_ema_model
 from sde.losses import LossConfig, make_loss_fn
 from sde.progress import bar as progress_bar
-from sde.quality import classifier_metrics_for, inception_for, reference_features, sample_quality
+from sde.quality import check_cache_dir, classifier_metrics_for, inception_for, reference_features, sample_quality
 from sde.sdes import create_sde
 from sde.workdir import Workdir
 
@@ -141,6 +141,8 @@ def check(config) -> None:
     except ValueError as error:
         raise ValueError(f"eval.heldout_split: {error}") from error
     configuration.check_sampling(config)
+    if data.get_dataset(config.data.dataset).is_image:
+        check_cache_dir(config)
 
 
 def run(config, workdir: str | Path) -> dict[str, Any]:

@@ -83,6 +83,23 @@ def precision(amp: Any) -> str:
     return amp
 
 
+#: ``training.lr_schedule``: the learning rate after the linear warm-up.
+LR_SCHEDULES = ("constant", "cosine")
+
+
+def learning_rate(config, step: int) -> float:
+    """The learning rate of optimizer step ``step`` (0-based): a linear warm-up over
+    ``training.warmup`` steps, then ``training.lr`` held (``constant``) or annealed to zero at
+    ``n_iters`` along a half cosine (``cosine``, Loshchilov & Hutter 2017, SGDR's eq. 5 with
+    one cycle): a short run ends on small steps, which a constant rate never takes."""
+    train_cfg = config.training
+    rate = train_cfg.lr * min(1.0, (step + 1) / max(1, train_cfg.warmup))
+    if train_cfg.lr_schedule == "cosine" and step >= train_cfg.warmup:
+        span = max(1, train_cfg.n_iters - train_cfg.warmup)
+        rate *= 0.5 * (1.0 + math.cos(math.pi * min(1.0, (step - train_cfg.warmup) / span)))
+    return rate
+
+
 def autocast_context(device: torch.device, amp: Any):
     """Autocast in ``precision(amp)``: bf16 where the device supports it (CPUs with
     AVX512-BF16 or AMX, Ampere+ GPUs), fp16 on GPUs (with a gradient scaler, ``train``)."""
@@ -156,9 +173,14 @@ def check(config) -> None:
     training = config.training
     require(training.continuous or not training.likelihood_weighting,
             "training.likelihood_weighting needs training.continuous=True")
+    require(not training.p2_gamma or (training.continuous and not training.likelihood_weighting),
+            "training.p2_gamma reweights the plain continuous loss: it needs training.continuous=True and "
+            "training.likelihood_weighting=False")
     require(training.continuous or config.sde.name == "vp",
             f"training.continuous=False (DDPM) needs sde.name='vp', got {config.sde.name!r}")
     precision(training.amp)
+    require(training.lr_schedule in LR_SCHEDULES,
+            f"training.lr_schedule must be one of {', '.join(LR_SCHEDULES)}, got {training.lr_schedule!r}")
     require(isinstance(training.compile, bool), f"training.compile must be True or False, got {training.compile!r}")
     if training.init_weights:
         require(Path(training.init_weights).suffix in (".safetensors", ".pt"),
@@ -266,7 +288,7 @@ def _train(config, run: Workdir, context: distributed.Context) -> dict[str, Any]
     loss_fn = make_loss_fn(sde, LossConfig(continuous=train_cfg.continuous,
                                            likelihood_weighting=train_cfg.likelihood_weighting,
                                            importance_sampling=train_cfg.importance_sampling,
-                                           eps=train_cfg.eps))
+                                           eps=train_cfg.eps, p2_gamma=train_cfg.p2_gamma, p2_k=train_cfg.p2_k))
 
     step = 0
     earlier_wall_time = 0.0  # training seconds of the runs this one resumes
@@ -337,7 +359,7 @@ def _train(config, run: Workdir, context: distributed.Context) -> dict[str, Any]
     with _StopRequest() as stop, contextlib.closing(progress):  # the bar ends before any error line
         while step < train_cfg.n_iters:
             x0 = batches.take()
-            lr = train_cfg.lr * min(1.0, (step + 1) / max(1, train_cfg.warmup))
+            lr = learning_rate(config, step)
             for group in optimizer.param_groups:
                 group["lr"] = lr
             optimizer.zero_grad(set_to_none=True)
