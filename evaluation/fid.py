@@ -192,9 +192,10 @@ def _load_cached(path: Path, count: int, key: Mapping[str, Any]) -> FeatureSet |
 
 class _ComputeLock:
     """An exclusive ``flock`` on ``<cache file>.lock`` while one process computes a missing
-    reference set: a second process evaluating against the same reference waits, then loads
-    the first one's file instead of computing it again. The OS drops the lock when its holder
-    dies; the lock file itself is harmless and stays."""
+    reference set: a second process evaluating against the same reference waits (saying so),
+    then loads the first one's file instead of computing it again. The OS drops the lock when
+    its holder dies; the lock file itself is harmless and stays. Where no lock can be had (a
+    read-only cache, a file system without locks) the computation goes on unlocked."""
 
     def __init__(self, path: Path, enabled: bool):
         self.path = path.with_name(path.name + ".lock")
@@ -202,10 +203,25 @@ class _ComputeLock:
         self._handle = None
 
     def __enter__(self) -> "_ComputeLock":
-        if self.enabled:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            self._handle = open(self.path, "a")
-            fcntl.flock(self._handle.fileno(), fcntl.LOCK_EX)
+        if not self.enabled:
+            return self
+        try:
+            handle = open(self.path, "a")
+        except OSError as error:
+            logger.info("no lock file %s (%s): computing unlocked", self.path, error.strerror)
+            return self
+        try:
+            try:
+                fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                logger.warning("waiting for another process that is computing %s", self.path.with_suffix(""))
+                fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
+        except OSError as error:  # a file system without locks (some network mounts)
+            handle.close()
+            logger.info("no lock on %s (%s): a concurrent process may compute the same statistics",
+                        self.path, error.strerror)
+            return self
+        self._handle = handle
         return self
 
     def __exit__(self, *exc) -> None:
@@ -227,6 +243,7 @@ def reference_stats(
     sum_arrays: ArraySum | None = None,
     write_cache: bool = True,
     key: Mapping[str, Any] | None = None,
+    use_cache: bool = True,
 ) -> FeatureSet:
     """The reference `FeatureSet` of `count` images of `dataset`/`split`: loaded from the cache
     file if present, else computed from `images()` (called only then; it must yield exactly
@@ -235,29 +252,41 @@ def reference_stats(
     `key`: what else the statistics depend on (a digest of the pixels, the extractor's weights
     and preprocessing, ...), JSON-able; it names the file and is checked on load, so a cache
     shared by every run on a machine never serves statistics of other images or another
-    network. A file that does not load or does not match is computed again and replaced.
+    network. A file that does not load or does not match is computed again and replaced; a
+    cache that cannot be written leaves the result uncached (a warning). ``use_cache=False``
+    neither reads nor writes (an extractor that cannot say what its features depend on).
 
     Split between processes: ``shard=(rank, world)`` extracts features of batches rank,
     rank + world, ... only, `sum_arrays` adds up the processes' `FeatureAccumulator` arrays
     and only the process with `write_cache` writes the file. The processes decide together
     (through `sum_arrays`) whether every one of them has the cached file; if any lacks it
-    they all compute. A single process holds a lock while it computes (`_ComputeLock`).
+    they all compute. A single process that misses takes a lock, looks again and computes
+    (`_ComputeLock`), so concurrent evaluations compute a reference once.
     """
     key = dict(key or {})
     path = reference_cache_path(cache_dir, dataset, split, count, key)
     rank, world = shard
-    with _ComputeLock(path, enabled=world == 1 and write_cache):
-        cached = _load_cached(path, count, key)
-        if world > 1 and sum_arrays is not None:
-            everyone = sum_arrays({"cached": np.asarray([int(cached is not None)], dtype=np.int64)})["cached"]
-            cached = cached if int(everyone[0]) == world else None
-        if cached is not None:
-            return cached
+    cached = _load_cached(path, count, key) if use_cache else None
+    if world > 1 and sum_arrays is not None:
+        everyone = sum_arrays({"cached": np.asarray([int(cached is not None)], dtype=np.int64)})["cached"]
+        cached = cached if int(everyone[0]) == world else None
+    if cached is not None:
+        return cached
+    write = write_cache and use_cache
+    with _ComputeLock(path, enabled=world == 1 and write):
+        if world == 1 and write:  # another process may have written it while this one waited
+            cached = _load_cached(path, count, key)
+            if cached is not None:
+                return cached
         feature_set = _compute_reference(dataset, split, count, images, extractor, kid_capacity, shard, sum_arrays)
         feature_set.metadata = key
-        if write_cache:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            feature_set.save(path)
+        if write:
+            try:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                feature_set.save(path)  # atomic: a failed write leaves no partial file
+            except OSError as error:  # a full disk or a read-only cache: the result stands, uncached
+                logger.warning("could not cache the reference statistics in %s (%s); this run goes on "
+                               "without the cache", path, error.strerror or error)
     return feature_set
 
 

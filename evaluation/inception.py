@@ -160,10 +160,16 @@ class InceptionFeatures(nn.Module):
             self.network = torch.jit.load(str(self.weights_path), map_location=self.device).eval()
         self.eval()
 
-    def cache_key(self) -> dict[str, str | int]:
-        """What features of this extractor depend on besides the images: the weights' digest
-        and ``PREPROCESSING_VERSION`` (the key of cached reference statistics)."""
-        return {"inception_sha256": file_digest(self.weights_path), "preprocessing": PREPROCESSING_VERSION}
+    def cache_key(self) -> dict[str, str | int | bool]:
+        """What features of this extractor depend on besides the images: the weights' digest,
+        ``PREPROCESSING_VERSION`` and the device type (and on CUDA whether TF32 convolutions
+        are on, which moves features well beyond float32 rounding): the key of cached
+        reference statistics."""
+        key = {"inception_sha256": file_digest(self.weights_path), "preprocessing": PREPROCESSING_VERSION,
+               "device": self.device.type}
+        if self.device.type == "cuda":
+            key["tf32"] = bool(torch.backends.cudnn.allow_tf32)
+        return key
 
     def train(self, mode: bool = True) -> "InceptionFeatures":
         """Always stays in eval mode: the FID features are defined by the frozen network."""

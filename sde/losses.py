@@ -139,6 +139,9 @@ def discrete_loss(model: Model, sde: SDE, x0: Tensor,
 
 def make_loss_fn(sde: SDE, cfg: LossConfig) -> Callable[..., Tensor]:
     """loss_fn(model, x0, generator=None, shard=(0, 1)) -> scalar loss, as configured."""
+    if cfg.p2_gamma and (cfg.likelihood_weighting or not cfg.continuous):
+        raise ValueError("p2_gamma reweights the plain continuous loss: it needs continuous=True and "
+                         "likelihood_weighting=False")
     if cfg.continuous:
         return lambda model, x0, generator=None, shard=(0, 1): continuous_loss(
             model, sde, x0, cfg, generator, shard)

@@ -9,6 +9,7 @@ every rank takes its share of the batches and the statistics are summed with col
 from __future__ import annotations
 
 import hashlib
+import logging
 import math
 import os
 import time
@@ -18,10 +19,12 @@ from typing import Any
 import numpy as np
 import torch
 
-from sde import data, distributed, samplers
+from sde import checkpoint, data, distributed, samplers
 from sde.generation import generate
 from sde.progress import bar as progress_bar
 from sde.workdir import Workdir
+
+logger = logging.getLogger(__name__)
 
 #: Samples kept for a grid picture.
 GRID_IMAGES = 100
@@ -65,8 +68,9 @@ def cache_dir(config) -> Path:
 
 
 def check_cache_dir(config) -> None:
-    """The cache folder exists (made if missing) and is writable: a ValueError naming it and
-    ``eval.cache_dir`` otherwise, before any work (the reference statistics are written there)."""
+    """The cache folder exists (made if missing): a ValueError naming it and
+    ``eval.cache_dir`` otherwise, before any work. A folder that exists but is read-only is
+    accepted with a warning (statistics found there are used; new ones are not cached)."""
     directory = cache_dir(config)
     try:
         directory.mkdir(parents=True, exist_ok=True)
@@ -74,37 +78,42 @@ def check_cache_dir(config) -> None:
         raise ValueError(f"the reference-statistics cache {directory} cannot be created ({error.strerror}); "
                          f"set eval.cache_dir or ${CACHE_ENV} to a writable folder") from None
     if not os.access(directory, os.W_OK | os.X_OK):
-        raise ValueError(f"the reference-statistics cache {directory} is not writable; set eval.cache_dir or "
-                         f"${CACHE_ENV} to a writable folder")
+        logger.warning("the reference-statistics cache %s is read-only: statistics not found there are "
+                       "computed and not kept (eval.cache_dir or $%s moves it)", directory, CACHE_ENV)
 
 
-def reference_key(config, reference: torch.Tensor, inception) -> dict[str, Any]:
+def reference_key(config, reference: torch.Tensor, inception) -> dict[str, Any] | None:
     """What reference statistics depend on: the images (their SHA-256 and count, named by data
-    set and split) and the extractor (``cache_key()``: weights digest, preprocessing version;
-    a stand-in extractor without one is named by its class)."""
-    extractor = (inception.cache_key() if hasattr(inception, "cache_key")
-                 else {"extractor": type(inception).__qualname__})
+    set and split) and the extractor (``cache_key()``: weights digest, preprocessing version,
+    device). None for an extractor without ``cache_key``: what its features depend on is
+    unknown, so its statistics are not cached."""
+    if not hasattr(inception, "cache_key"):
+        return None
     return {"dataset": config.data.dataset, "split": config.data.split, "count": len(reference),
-            "pixels_sha256": hashlib.sha256(reference.numpy().tobytes()).hexdigest(), **extractor}
+            "pixels_sha256": hashlib.sha256(reference.numpy().tobytes()).hexdigest(), **inception.cache_key()}
 
 
 def reference_features(config, run: Workdir, inception, *, shard: tuple[int, int] = (0, 1)):
     """Inception statistics of the training split, computed once per machine (``cache_dir``).
 
-    The cache key holds dataset, split, count, the SHA-256 of the pixels (a split that fell
-    back to another set of images, such as offline MNIST, never reuses a wrong cache) and the
-    extractor's own key (the Inception weights' digest and preprocessing version), so every
-    workdir, mode and process that evaluates against the same images shares one file. With
-    ``shard=(rank, world)`` the ranks compute a missing cache together; rank 0 writes it.
-    ``run`` is unused: the cache is no longer the workdir's (kept for callers' signatures).
+    The cache key (``reference_key``) holds dataset, split, count, the SHA-256 of the pixels (a
+    split that fell back to another set of images, such as offline MNIST, never reuses a wrong
+    cache) and the extractor's own key, so every workdir, mode and process that evaluates
+    against the same images shares one file. With ``shard=(rank, world)`` the ranks compute a
+    missing cache together; the first rank of each machine (``LOCAL_RANK`` 0) writes it, so a
+    multi-node run leaves it in every node's cache. ``run`` is unused: the cache is no longer the
+    workdir's (kept for callers' signatures).
     """
-    from evaluation import reference_stats
+    from evaluation import reference_cache_path, reference_stats
 
     reference, _ = data.evaluation_subset(*data.load_dataset(config),
                                           config.eval.reference_num_images, seed=config.seed)
     key = reference_key(config, reference, inception)
     directory = cache_dir(config)
     directory.mkdir(parents=True, exist_ok=True)  # an unusable cache folder fails here, before any work
+    writer = int(os.environ.get("LOCAL_RANK", shard[0])) == 0  # one writer per machine
+    if writer and os.access(directory, os.W_OK):
+        checkpoint.remove_orphans(directory)  # temporary files of writers killed mid-write
     computed = []
 
     def batches():  # called only when the cache misses: the long stage, with its bar
@@ -117,10 +126,14 @@ def reference_features(config, run: Workdir, inception, *, shard: tuple[int, int
 
     features = reference_stats(directory, dataset=config.data.dataset, split=config.data.split,
                                count=len(reference), images=batches, extractor=inception, shard=shard,
-                               sum_arrays=distributed.all_reduce_arrays, write_cache=shard[0] == 0, key=key)
+                               sum_arrays=distributed.all_reduce_arrays, write_cache=writer,
+                               key=key, use_cache=key is not None)
     if shard[0] == 0:
+        path = reference_cache_path(directory, config.data.dataset, config.data.split, len(reference), key)
+        where = (f"cached in {directory}" if key is not None and path.is_file()
+                 else "not cached (see the warning)" if key is not None else "not cached (no extractor key)")
         print(f"reference statistics: {len(reference):,} {config.data.dataset} {config.data.split} images, "
-              + (f"computed in {time.perf_counter() - computed[0]:.0f} s and cached in {directory}" if computed
+              + (f"computed in {time.perf_counter() - computed[0]:.0f} s, {where}" if computed
                  else f"from the cache in {directory}"), flush=True)
     return features
 

@@ -113,6 +113,9 @@ class PooledPixels:
     def __init__(self, path=None, device="cpu", batch_size: int = 50):
         del path, device, batch_size
 
+    def cache_key(self) -> dict:
+        return {"extractor": "pooled 7x7 pixel blocks"}
+
     def __call__(self, images) -> torch.Tensor:
         return F.avg_pool2d(torch.as_tensor(images).float(), 7).flatten(1).double()
 

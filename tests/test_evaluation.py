@@ -26,6 +26,7 @@ from evaluation import (
 )
 from evaluation.classifier import CLASSIFIER_WEIGHTS, classifier_report, total_variation_from_uniform
 from evaluation.inception import TF_PIXEL_CENTER, inception_input, tf_bilinear_resize
+from evaluation.fid import key_digest
 from evaluation.kid import mmd2_unbiased
 from evaluation.train_classifier import HELD_OUT_SPLIT, TRAIN_SPLIT, accuracy, load_mnist_split
 
@@ -342,6 +343,51 @@ def test_reference_cache_is_keyed_checked_and_recomputed_when_damaged(tmp_path, 
     assert len(calls) == 4
 
 
+@pytest.mark.skipif(importlib.util.find_spec("fcntl") is None, reason="flock is POSIX")
+def test_a_cache_that_cannot_be_written_or_locked_does_not_stop_the_computation(tmp_path, monkeypatch, caplog):
+    """A full disk while saving (the real atomic write fails in fsync), or a file system
+    without flock: the statistics are still returned, with a warning, and no file is left."""
+    fid_module = importlib.import_module("evaluation.fid")  # the module (evaluation.fid is also a function)
+
+    def full_disk(fd):
+        raise OSError(28, "No space left on device")
+
+    def no_locks(fd, operation):
+        raise OSError(37, "No locks available")
+
+    monkeypatch.setattr(fid_module.os, "fsync", full_disk)
+    monkeypatch.setattr(fid_module.fcntl, "flock", no_locks)
+    with caplog.at_level("WARNING"):
+        stats = reference_stats(tmp_path, dataset="toyset", split="train", count=60,
+                                images=lambda: tiny_image_batches(0), extractor=flatten_extractor,
+                                kid_capacity=40, key={"k": 1})
+    assert stats.count == 60 and "No space left on device" in caplog.text
+    assert [p.name for p in tmp_path.iterdir()] == ["inception_toyset_train_60_" + key_digest({"k": 1}) + ".npz.lock"]
+
+
+def test_cached_statistics_load_where_no_lock_file_can_be_made(tmp_path):
+    """A cache that holds the statistics but where the lock file cannot be opened (read-only,
+    or the name taken by a folder): the file loads; a miss computes unlocked."""
+    calls = []
+
+    def stats(key):
+        return reference_stats(tmp_path, dataset="toyset", split="train", count=60,
+                               images=lambda: calls.append(1) or tiny_image_batches(0),
+                               extractor=flatten_extractor, kid_capacity=40, key=key)
+
+    stats({"k": 1})
+    for key in ({"k": 1}, {"k": 2}):
+        lock = reference_cache_path(tmp_path, "toyset", "train", 60, key)
+        lock = lock.with_name(lock.name + ".lock")
+        lock.unlink(missing_ok=True)
+        lock.mkdir()
+    stats({"k": 1})
+    assert len(calls) == 1  # loaded, no lock needed
+    stats({"k": 2})
+    assert len(calls) == 2  # computed without the lock, and cached
+    assert reference_cache_path(tmp_path, "toyset", "train", 60, {"k": 2}).is_file()
+
+
 def test_concurrent_processes_compute_a_missing_reference_once(tmp_path):
     """Two evaluations against the same missing reference at once: the second waits on the
     first's lock and loads its file (threads hold separate open files, as processes do)."""
@@ -404,6 +450,16 @@ def test_a_second_workdir_reuses_the_machines_reference_statistics(tmp_path):
     reference_features(config, Workdir(tmp_path / "run_b"), extractor)
     assert extractor.images == 22
 
+    def keyless(batch):  # an extractor that cannot say what its features depend on: never cached
+        keyless.images += len(batch)
+        return flatten_extractor(batch)[:, :16]
+
+    keyless.images = 0
+    files = set((tmp_path / "machine_cache").iterdir())
+    for _ in range(2):
+        reference_features(config, Workdir(tmp_path / "run_c"), keyless)
+    assert keyless.images == 20 and set((tmp_path / "machine_cache").iterdir()) == files
+
 
 def test_the_cache_directory_follows_the_config_then_the_environment_then_xdg(monkeypatch, tmp_path):
     from sde.quality import CACHE_ENV, cache_dir
@@ -431,7 +487,7 @@ def test_inception_cache_key_is_the_weights_digest_and_preprocessing_version():
     extractor = InceptionFeatures()
     key = extractor.cache_key()
     assert key == {"inception_sha256": hashlib.sha256(extractor.weights_path.read_bytes()).hexdigest(),
-                   "preprocessing": PREPROCESSING_VERSION}
+                   "preprocessing": PREPROCESSING_VERSION, "device": "cpu"}
 
 
 def test_compare_feature_sets_same_vs_different_images():

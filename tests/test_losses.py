@@ -69,6 +69,12 @@ def test_p2_weight_is_sigma_squared_on_vp_with_k_and_gamma_one_and_has_mean_one(
     assert drawn_weight.std() > 0.1 and torch.allclose(drawn_weight, p2_weight(sde, drawn, cfg))
 
 
+def test_p2_is_refused_with_the_likelihood_weight_or_the_discrete_loss():
+    for cfg in (LossConfig(p2_gamma=1.0, likelihood_weighting=True), LossConfig(p2_gamma=1.0, continuous=False)):
+        with pytest.raises(ValueError, match="p2_gamma reweights the plain continuous loss"):
+            make_loss_fn(VPSDE(), cfg)
+
+
 def test_likelihood_weight_is_minus_twice_log_snr_rate():
     """g^2 / sigma^2 = -2 d log_snr/dt for all SDEs: why log-SNR sampling is exact IS."""
     for sde in (VPSDE(), VPSDE(schedule="cosine"), SubVPSDE(), VESDE()):

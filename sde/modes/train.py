@@ -91,7 +91,9 @@ def learning_rate(config, step: int) -> float:
     """The learning rate of optimizer step ``step`` (0-based): a linear warm-up over
     ``training.warmup`` steps, then ``training.lr`` held (``constant``) or annealed to zero at
     ``n_iters`` along a half cosine (``cosine``, Loshchilov & Hutter 2017, SGDR's eq. 5 with
-    one cycle): a short run ends on small steps, which a constant rate never takes."""
+    one cycle): a short run ends on small steps, which a constant rate never takes. The
+    schedule follows the current ``n_iters``: a run resumed with more steps climbs back up the
+    cosine from where the longer schedule is at that step."""
     train_cfg = config.training
     rate = train_cfg.lr * min(1.0, (step + 1) / max(1, train_cfg.warmup))
     if train_cfg.lr_schedule == "cosine" and step >= train_cfg.warmup:
