@@ -3,8 +3,9 @@
 For the latest checkpoint (or ``sampling.checkpoint``) it writes
 ``workdir/eval/report_step<step>.json``, TensorBoard scalars under ``eval/`` and prints a
 table. FID/KID use ``eval.num_samples`` images from the configured sampler against the
-Inception statistics of the training split (cached in ``workdir/eval/``); bits/dim use
-``eval.bpd_num_images`` images of ``eval.heldout_split``.
+Inception statistics of the training split (cached once per machine,
+``sde.quality.cache_dir``); bits/dim use ``eval.bpd_num_images`` images of
+``eval.heldout_split``.
 
 Under ``torchrun`` every rank samples, extracts features of and scores its share of the
 batches (batch b on rank b mod world); sums of statistics and per-image values are combined
