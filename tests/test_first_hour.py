@@ -86,7 +86,7 @@ def test_every_long_stage_of_eval_shows_progress_and_a_summary(tmp_path, tiny_ru
                  f"--config.sampling.checkpoint={workdir}/checkpoints/checkpoint_6.pt",
                  "--config.eval.num_samples=8", "--config.eval.reference_num_images=16",
                  "--config.eval.bpd_num_images=4", "--config.eval.batch_size=4", "--config.sampling.batch_size=4",
-                 env={"SDE_PROGRESS_INTERVAL": "0"})
+                 env={"SDE_PROGRESS_INTERVAL": "0", "SDE_CACHE_DIR": str(tmp_path / "empty_cache")})
     assert result.returncode == 0, result.stderr[-3000:]
     lines = result.stderr.splitlines()
     assert max(len(line) for line in lines) <= 120 and "\r" not in result.stderr
