@@ -111,11 +111,9 @@ def fid_difference(samples: torch.Tensor, found: dict[str, dict], former: str, a
     from evaluation import FeatureSet, InceptionFeatures, compare_feature_sets
     from bench.common import load_config
     from sde.quality import reference_features
-    from sde.workdir import Workdir
 
     config = load_config(str(REPO / RELEASE_CONFIG))
-    with tempfile.TemporaryDirectory() as tmp:
-        reference = reference_features(config, Workdir(tmp), InceptionFeatures())
+    reference = reference_features(config, InceptionFeatures())
     features = {name: extract(samples, found[name]) for name in (former, adopted)}
     fids = {}
     for name, feature in features.items():

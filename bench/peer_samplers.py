@@ -57,7 +57,6 @@ from sde.generation import sample_generators
 from sde.inference import load_ema_model
 from sde.quality import inception_for, reference_features, sample_quality
 from sde.sdes import create_sde
-from sde.workdir import Workdir
 
 NAME, TITLE = "peer_samplers", "Our samplers vs diffusers' schedulers on the same weights"
 #: What the results file keeps of a run.
@@ -325,7 +324,7 @@ def main() -> None:
         raise SystemExit(f"adapter check failed: a difference above {CHECK_TOLERANCE}; the "
                          f"timestep mapping or the beta tables do not match")
     inception = inception_for(config, device)
-    reference = reference_features(config, Workdir(args.workdir), inception)
+    reference = reference_features(config, inception)
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

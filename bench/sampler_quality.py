@@ -41,7 +41,6 @@ from sde.inference import load_ema_model
 from sde.quality import classifier_metrics_for, inception_for, reference_features, sample_quality
 from sde.samplers import parse_run
 from sde.sdes import create_sde
-from sde.workdir import Workdir
 
 NAME, TITLE = "sampler_quality", "Sampler quality on the released model"
 #: Samplers with a fixed evaluation budget, and the adaptive one run at its own NFE.
@@ -293,7 +292,7 @@ def main() -> None:
         extra_runs.append((name, steps, options))
     model, source, step = load_ema_model(config, args.workdir, device, args.checkpoint)
     inception = inception_for(config, device)
-    reference = reference_features(config, Workdir(args.workdir), inception)
+    reference = reference_features(config, inception)
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

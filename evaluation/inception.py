@@ -130,8 +130,9 @@ def inception_input(images_uint8: torch.Tensor | np.ndarray, device: torch.devic
 
 #: Images per network call by device type when none is given. On a CPU small chunks keep a
 #: layer's 299x299 activations in cache (``python -m bench.inception_speed`` measures sizes);
-#: a GPU wants large ones. The features do not depend on the chunk size.
-DEFAULT_CHUNK = {"cpu": 16, "cuda": 200}
+#: other devices keep the 100 of the former default (``eval.batch_size``), not yet measured on
+#: a GPU. The features do not depend on the chunk size.
+DEFAULT_CHUNK = {"cpu": 16, "cuda": 100}
 
 
 class InceptionFeatures(nn.Module):
@@ -148,7 +149,7 @@ class InceptionFeatures(nn.Module):
         super().__init__()
         self.device = torch.device(device)
         if batch_size is None:
-            batch_size = DEFAULT_CHUNK.get(self.device.type, DEFAULT_CHUNK["cuda"])
+            batch_size = DEFAULT_CHUNK.get(self.device.type, DEFAULT_CHUNK["cuda"])  # mps, xpu: as CUDA
         if batch_size < 1:
             raise ValueError(f"batch_size must be a positive integer, got {batch_size}")
         self.batch_size = batch_size

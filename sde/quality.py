@@ -22,7 +22,6 @@ import torch
 from sde import checkpoint, data, distributed, samplers
 from sde.generation import generate
 from sde.progress import bar as progress_bar
-from sde.workdir import Workdir
 
 logger = logging.getLogger(__name__)
 
@@ -93,7 +92,7 @@ def reference_key(config, reference: torch.Tensor, inception) -> dict[str, Any] 
             "pixels_sha256": hashlib.sha256(reference.numpy().tobytes()).hexdigest(), **inception.cache_key()}
 
 
-def reference_features(config, run: Workdir, inception, *, shard: tuple[int, int] = (0, 1)):
+def reference_features(config, inception, *, shard: tuple[int, int] = (0, 1)):
     """Inception statistics of the training split, computed once per machine (``cache_dir``).
 
     The cache key (``reference_key``) holds dataset, split, count, the SHA-256 of the pixels (a
@@ -101,8 +100,7 @@ def reference_features(config, run: Workdir, inception, *, shard: tuple[int, int
     cache) and the extractor's own key, so every workdir, mode and process that evaluates
     against the same images shares one file. With ``shard=(rank, world)`` the ranks compute a
     missing cache together; the first rank of each machine (``LOCAL_RANK`` 0) writes it, so a
-    multi-node run leaves it in every node's cache. ``run`` is unused: the cache is no longer the
-    workdir's (kept for callers' signatures).
+    multi-node run leaves it in every node's cache.
     """
     from evaluation import reference_cache_path, reference_stats
 
@@ -110,7 +108,6 @@ def reference_features(config, run: Workdir, inception, *, shard: tuple[int, int
                                           config.eval.reference_num_images, seed=config.seed)
     key = reference_key(config, reference, inception)
     directory = cache_dir(config)
-    directory.mkdir(parents=True, exist_ok=True)  # an unusable cache folder fails here, before any work
     writer = int(os.environ.get("LOCAL_RANK", shard[0])) == 0  # one writer per machine
     if writer and os.access(directory, os.W_OK):
         checkpoint.remove_orphans(directory)  # temporary files of writers killed mid-write

@@ -418,10 +418,13 @@ def test_concurrent_processes_compute_a_missing_reference_once(tmp_path):
 
 
 def test_a_second_workdir_reuses_the_machines_reference_statistics(tmp_path):
-    """sde.quality.reference_features caches per machine (eval.cache_dir), not per workdir."""
+    """sde.quality.reference_features caches per machine (eval.cache_dir): a second eval, in
+    any workdir, computes nothing."""
+    import hashlib
+
+    from sde import data
     from sde.quality import reference_features
     from sde.testing import make_tiny_config
-    from sde.workdir import Workdir
 
     class CountingExtractor:
         def __init__(self):
@@ -439,15 +442,16 @@ def test_a_second_workdir_reuses_the_machines_reference_statistics(tmp_path):
     config.eval.batch_size = 5
     config.eval.cache_dir = str(tmp_path / "machine_cache")
     extractor = CountingExtractor()
-    first = reference_features(config, Workdir(tmp_path / "run_a"), extractor)
+    first = reference_features(config, extractor)
     assert extractor.images == 12
-    second = reference_features(config, Workdir(tmp_path / "run_b"), extractor)
+    second = reference_features(config, extractor)
     assert extractor.images == 12  # the second workdir computed nothing
     np.testing.assert_array_equal(first.stats.covariance(), second.stats.covariance())
     [cached] = (tmp_path / "machine_cache").glob("*.npz")
-    assert FeatureSet.load(cached).metadata["pixels_sha256"] and not list((tmp_path / "run_b").rglob("*.npz"))
+    assert FeatureSet.load(cached).metadata["pixels_sha256"] == hashlib.sha256(
+        data.evaluation_subset(*data.load_dataset(config), 12, seed=config.seed)[0].numpy().tobytes()).hexdigest()
     config.eval.reference_num_images = 10  # another reference set: computed
-    reference_features(config, Workdir(tmp_path / "run_b"), extractor)
+    reference_features(config, extractor)
     assert extractor.images == 22
 
     def keyless(batch):  # an extractor that cannot say what its features depend on: never cached
@@ -457,7 +461,7 @@ def test_a_second_workdir_reuses_the_machines_reference_statistics(tmp_path):
     keyless.images = 0
     files = set((tmp_path / "machine_cache").iterdir())
     for _ in range(2):
-        reference_features(config, Workdir(tmp_path / "run_c"), keyless)
+        reference_features(config, keyless)
     assert keyless.images == 20 and set((tmp_path / "machine_cache").iterdir()) == files
 
 

@@ -89,7 +89,7 @@ def compare(config, workdir: str | Path) -> dict[str, Any]:
     model, source, step = load_ema_model(config, workdir, device, config.sampling.checkpoint)
     running_on = environment.announce(device, processes=context.world_size, model=model, show=context.is_main)
     inception = inception_for(config, device)
-    reference = reference_features(config, run, inception, shard=context.shard)
+    reference = reference_features(config, inception, shard=context.shard)
 
     results, rows = [], []
     for entry, (method, steps, options) in zip(config.compare.runs, runs):

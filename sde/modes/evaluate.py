@@ -171,7 +171,7 @@ def evaluate(config, workdir: str | Path) -> dict[str, Any]:
         report.update(heldout_metrics(config, model, sde, heldout, shard=context.shard))
 
         inception = inception_for(config, device)
-        reference = reference_features(config, run, inception, shard=context.shard)
+        reference = reference_features(config, inception, shard=context.shard)
         classifier = classifier_metrics_for(config, device)
         quality, grid = sample_quality(
             config, model, sde, device, method=config.sampling.method, steps=config.sampling.steps,
