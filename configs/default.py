@@ -24,7 +24,7 @@ def get_default_config() -> ml_collections.ConfigDict:
     data.dequantize = False       # uniform dequantization of 8-bit pixels
     data.random_flip = False      # horizontal flip; cifar10 only
     data.classes = ()             # keep only these labels; () keeps all
-    data.toy_name = "spiral"      # toy only: gaussian | two_gaussians | spiral
+    data.toy_name = "spiral"      # toy only: gaussian | two_gaussians | spiral | gaussian_1d | two_gaussians_1d
     data.toy_num_samples = 10000  # toy only: size of the generated set
     data.download = True          # try to download missing files (MD5-checked)
 

@@ -4,11 +4,12 @@
     pipe = sde.load("release/mnist_vp_release.safetensors")   # model, sde, config
     x, info = pipe.sample(16, method="dpm_solver", steps=20)
 
-``sde.load`` and ``Pipeline`` (``sde/api.py``), the SDEs (``sde/sdes.py``), the samplers
+``sde.load``, ``sde.exact_toy`` and ``Pipeline`` (``sde/api.py``), the SDEs (``sde/sdes.py``), the samplers
 (``sde.samplers``) and the likelihoods (``sde.likelihood``) are the Python API.
 """
 from sde import likelihood, samplers
-from sde.api import Pipeline, load
+from sde.api import Pipeline, exact_toy, load
 from sde.sdes import SDE, VPSDE, SubVPSDE, VESDE, create_sde
 
-__all__ = ["SDE", "VPSDE", "SubVPSDE", "VESDE", "Pipeline", "create_sde", "likelihood", "load", "samplers"]
+__all__ = ["SDE", "VPSDE", "SubVPSDE", "VESDE", "Pipeline", "create_sde", "exact_toy", "likelihood", "load",
+           "samplers"]

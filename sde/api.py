@@ -7,6 +7,9 @@
     heldout, _ = pipe.dataset("train5k")                           # sorted by class
     mean, standard_error, _ = pipe.bits_per_dim(heldout[::500])    # one digit of each class
 
+    toy = sde.exact_toy("two_gaussians_1d")                        # the true score, no training
+    toy.flow_figure("flow.png", method="euler_maruyama", steps=500)  # forward and reverse pictures
+
 Exported weights (``--mode export``, the released files) carry the resolved config they
 were trained with, so the network, the SDE and the data's scaling come back exactly; a run
 directory carries it in ``config.json`` beside its checkpoints. The samplers, likelihoods and
@@ -142,6 +145,25 @@ class Pipeline:
         return likelihood.bits_per_dim(self.model, self.sde, images.to(self.device),
                                        dequantized_grid=self.config.data.dequantize, **options)
 
+    def flow_figure(self, path: str | Path, *, method: str | None = None, steps: int | None = None,
+                    seed: int = 0, **options) -> Path:
+        """Point data only: the data noised forward and sampled back by ``method`` (default:
+        the config's sampler and its options), as ``--mode sample`` draws it
+        (``sde.toy_figures``); returns the PNG's path."""
+        from sde import toy_figures
+
+        if data.get_dataset(self.config.data.dataset).is_image:
+            raise ValueError("flow_figure draws point data (data.dataset='toy'); for images use "
+                             "--mode sample with sampling.save_trajectory=True")
+        config = self.config.copy_and_resolve_references()
+        if method is None or method == config.sampling.method:
+            options = {**sampler_options(config), **options}
+        config.sampling.method = method or config.sampling.method
+        config.sampling.steps = steps or config.sampling.steps
+        config.sampling.seed = seed
+        toy_figures.flow_figure(config, self.model, self.sde, self.device, options, Path(path))
+        return Path(path)
+
     def elbo_bits_per_dim(self, images: Tensor, **options) -> tuple[float, float, dict]:
         """Bits/dim of uint8 images by the ELBO of the model's training objective
         (``likelihood.elbo_bits_per_dim``): (mean, standard error, info)."""
@@ -165,4 +187,16 @@ def load(path: str | Path, *, device: str | torch.device = "cpu",
     return Pipeline(model=model, sde=create_sde(config), config=config, source=source, step=step)
 
 
-__all__ = ["Pipeline", "config_from_dict", "load"]
+def exact_toy(name: str, *, sde: str = "vp", device: str | torch.device = "cpu") -> Pipeline:
+    """The exact score of toy set ``name`` (one with a closed form: ``data.CLOSED_FORM_NAMES``)
+    under SDE ``sde`` as a ``Pipeline``: every sampler, likelihood and picture runs on the true
+    reverse process, with nothing trained (``model.name = "exact"``, ``sde.models.exact``)."""
+    from configs.toy_vp import get_config
+
+    config = get_config()
+    config.model.name, config.data.toy_name, config.sde.name = "exact", name, sde
+    model, source, step = load_ema_model(config, "", resolve_device(str(device)))
+    return Pipeline(model=model, sde=create_sde(config), config=config, source=source, step=step)
+
+
+__all__ = ["Pipeline", "config_from_dict", "exact_toy", "load"]

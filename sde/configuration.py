@@ -16,7 +16,7 @@ from sde.checkpoint import CheckpointError
 from sde.checks import require
 from sde.config_rules import check_values
 from sde.distributed import parse_device
-from sde.models import check_model_config
+from sde.models import check_model_config, is_exact
 from sde.sdes import SDES, create_sde
 from sde.workdir import WorkdirError
 
@@ -51,6 +51,8 @@ def check_sampling(config) -> None:
     """``config.sampling``: the sampler and its options against the step count (``validate``
     checks the counts)."""
     sampling = config.sampling
+    require(not (is_exact(config) and sampling.checkpoint),
+            f"model.name='exact' has no weights to load; leave sampling.checkpoint empty (got {sampling.checkpoint!r})")
     require(sampling.method in samplers.available(),
             f"unknown sampling.method {sampling.method!r}; accepted: {', '.join(samplers.available())}")
     try:

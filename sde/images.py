@@ -1,4 +1,4 @@
-"""Image grids, PNG and JSON outputs, scatter plots of point data, and FID-against-NFE plots."""
+"""Image grids, PNG and JSON outputs, plots of point data, and FID-against-NFE plots."""
 from __future__ import annotations
 
 import io
@@ -43,19 +43,28 @@ def save_json(data: dict[str, Any], path: Path) -> None:
     atomic_write(Path(path), lambda handle: handle.write(payload))
 
 
-def scatter_png(points: np.ndarray, path: Path, title: str = "", reference: np.ndarray | None = None) -> None:
-    """Scatter plot of 2-D samples (toy data), with the data set in grey behind them."""
+def points_png(points: np.ndarray, path: Path, title: str = "", reference: np.ndarray | None = None) -> None:
+    """Samples of point data against the data set: a scatter plot for 2-D points (the data in
+    grey behind), overlaid histograms for 1-D points."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     figure, axis = plt.subplots(figsize=(4, 4), dpi=100)
-    if reference is not None:
-        axis.scatter(reference[:, 0], reference[:, 1], s=1, c="0.8", label="data")
-    axis.scatter(points[:, 0], points[:, 1], s=1, c="C0", label="samples")
+    if points.shape[1] == 1:
+        values = points[:, 0] if reference is None else np.concatenate([points[:, 0], reference[:, 0]])
+        bins = np.linspace(values.min(), values.max(), 81)
+        if reference is not None:
+            axis.hist(reference[:, 0], bins=bins, density=True, color="0.75", label="data")
+        axis.hist(points[:, 0], bins=bins, density=True, histtype="step", color="C0", lw=1.2, label="samples")
+        axis.legend(fontsize=8)
+    else:
+        if reference is not None:
+            axis.scatter(reference[:, 0], reference[:, 1], s=1, c="0.8", label="data")
+        axis.scatter(points[:, 0], points[:, 1], s=1, c="C0", label="samples")
+        axis.set_aspect("equal")
     axis.set_title(title)
-    axis.set_aspect("equal")
     buffer = io.BytesIO()
     figure.savefig(buffer, format="png", bbox_inches="tight")
     plt.close(figure)

@@ -7,7 +7,7 @@ from pathlib import Path
 import torch
 
 from sde import checkpoint
-from sde.models import create_model
+from sde.models import create_model, is_exact
 from sde.workdir import Workdir
 
 
@@ -17,9 +17,16 @@ def load_ema_model(config, workdir: str | Path, device: torch.device,
 
     ``path`` (``sampling.checkpoint``): a training checkpoint ``.pt`` (its EMA weights are
     used) or exported ``.safetensors`` weights; empty means the newest readable checkpoint
-    in ``workdir/checkpoints``. The architecture must match the config exactly.
+    in ``workdir/checkpoints``. The architecture must match the config exactly. The closed-form
+    model (``model.name="exact"``) has no weights: it is returned as built, with step None.
     """
     model = create_model(config)
+    if is_exact(config):
+        if path:
+            raise ValueError(f"model.name='exact' has no weights to load; leave sampling.checkpoint empty "
+                             f"(got {path!r})")
+        return (model.to(device).eval().requires_grad_(False),
+                f"exact score of toy set {config.data.toy_name!r} under the {config.sde.name} SDE", None)
     if path:
         source = Path(path)
         if not source.is_file():

@@ -277,8 +277,14 @@ class SubVPSDE(VPSDE):
 
     def t_from_log_snr(self, log_snr: Tensor) -> Tensor:
         # alpha / (1 - alpha^2) = e^lambda  =>  alpha = 2 e^lambda / (1 + sqrt(1 + 4 e^{2 lambda}))
-        alpha = 2.0 * torch.exp(log_snr) / (1.0 + torch.sqrt(1.0 + 4.0 * torch.exp(2.0 * log_snr)))
-        neg_two_log_alpha = -2.0 * torch.log(alpha)
+        #                                          = 2 / (e^-lambda + sqrt(e^-2lambda + 4)),
+        # taken in logs on the side where the exponential cannot overflow (an adaptive solver's
+        # first-step probe may ask for any lambda)
+        low = torch.clamp(log_snr, max=0.0)
+        high = torch.clamp(log_snr, min=0.0)
+        log_alpha_low = low + math.log(2.0) - torch.log1p(torch.sqrt(1.0 + 4.0 * torch.exp(2.0 * low)))
+        log_alpha_high = math.log(2.0) - torch.log(torch.exp(-high) + torch.sqrt(torch.exp(-2.0 * high) + 4.0))
+        neg_two_log_alpha = -2.0 * torch.where(log_snr < 0, log_alpha_low, log_alpha_high)
         delta = self.beta_max - self.beta_min
         return 2.0 * neg_two_log_alpha / (
             self.beta_min + torch.sqrt(self.beta_min ** 2 + 2.0 * delta * neg_two_log_alpha))

@@ -18,7 +18,7 @@ LAYERS = [
     ["sde.likelihood"],
     ["sde.inference", "sde.configuration"],
     ["sde.generation"],
-    ["sde.quality"],
+    ["sde.quality", "sde.toy_figures"],
     ["sde.api", "sde.modes", "configs"],
     ["sde", "main", "sde.testing"],  # sde.testing: what tests and benchmarks share, above all
 ]

@@ -349,12 +349,12 @@ def test_create_model_reads_the_config():
     assert isinstance(model, ToyMLP) and len(model.layers) == 4 and model.out.in_features == 64
 
     config.model.name = "transformer"
-    with pytest.raises(ValueError, match="unknown model.name 'transformer'; accepted: unet, mlp"):
+    with pytest.raises(ValueError, match="unknown model.name 'transformer'; accepted: unet, mlp, exact"):
         create_model(config)
     config.model.name = "unet"
-    with pytest.raises(ValueError, match=r"data.dataset='toy' \(points data\) needs model.name='mlp'"):
+    with pytest.raises(ValueError, match=r"data.dataset='toy' \(points data\) needs model.name='mlp' or 'exact'"):
         create_model(config)
-    assert sorted(MODELS) == ["mlp", "unet"]
+    assert sorted(MODELS) == ["exact", "mlp", "unet"]
 
 
 @pytest.mark.slow

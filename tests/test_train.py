@@ -119,6 +119,7 @@ def test_cli_bad_config_exits_2_with_one_line(tmp_path):
 @pytest.mark.slow
 def test_toy_spiral_loss_drops(tmp_path):
     config = toy_vp.get_config()
+    config.model.nf, config.model.num_layers = 128, 3  # a small MLP, whose loss falls over the 600 steps
     config.training.n_iters = 600
     config.training.log_freq = 50
     config.training.snapshot_freq = 600

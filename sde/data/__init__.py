@@ -1,4 +1,4 @@
-"""Data sets (MNIST, CIFAR-10, toy 2-D), pixel scaling and a resumable batch stream.
+"""Data sets (MNIST, CIFAR-10, toy 1-D and 2-D), pixel scaling and a resumable batch stream.
 
 Loading: ``load_dataset(config, split)`` returns the raw data, images as ``torch.uint8``
 ``[N, C, H, W]`` (point sets: float32 ``[N, D]``) and int64 labels (point sets: ``None``).
@@ -29,9 +29,9 @@ from sde.data.mnist import (IDX_IMAGES_MAGIC, IDX_LABELS_MAGIC, IDX_UBYTE_TYPE_C
 from sde.data.scaling import (MAX_PIXEL_VALUE, NUM_PIXEL_LEVELS, float_to_uint8, training_view,
                               uint8_to_float)
 from sde.data.stream import BatchStream, DevicePrefetcher, create_batch_stream
-from sde.data.toy import (GAUSSIAN_COV, GAUSSIAN_MEAN, SPIRAL_NOISE_STD, SPIRAL_TURNS, TOY_DIM, TOY_NAMES,
-                          TWO_GAUSSIANS_COVS, TWO_GAUSSIANS_MEANS, TWO_GAUSSIANS_WEIGHTS, GaussianMixture,
-                          load_toy, sample_spiral, toy_mixture)
+from sde.data.toy import (CLOSED_FORM_NAMES, GAUSSIAN_COV, GAUSSIAN_MEAN, SPIRAL_NOISE_STD, SPIRAL_TURNS,
+                          TOY_DIM, TOY_NAMES, TWO_GAUSSIANS_COVS, TWO_GAUSSIANS_MEANS, TWO_GAUSSIANS_WEIGHTS,
+                          GaussianMixture, load_toy, sample_spiral, toy_dim, toy_mixture)
 
 
 for _module in pkgutil.iter_modules(__path__):  # every data set module registers itself
@@ -41,7 +41,8 @@ for _module in pkgutil.iter_modules(__path__):  # every data set module register
 SPLITS = {name: dataset.splits for name, dataset in DATASETS.items()}
 
 __all__ = [
-    "BatchStream", "DevicePrefetcher", "CIFAR10_ARCHIVE", "CIFAR10_DIR", "CIFAR10_IMAGE_SIZE", "CIFAR10_MD5",
+    "BatchStream", "CLOSED_FORM_NAMES", "DevicePrefetcher", "CIFAR10_ARCHIVE", "CIFAR10_DIR", "CIFAR10_IMAGE_SIZE",
+    "CIFAR10_MD5",
     "CIFAR10_NUM_CHANNELS", "CIFAR10_SPLIT_FILES", "CIFAR10_URL", "DATASETS", "DOWNLOAD_TIMEOUT_S",
     "Dataset", "EmbeddedMNISTWarning", "Fetch", "GAUSSIAN_COV", "GAUSSIAN_MEAN", "GaussianMixture",
     "IDX_IMAGES_MAGIC", "IDX_LABELS_MAGIC", "IDX_UBYTE_TYPE_CODE", "KINDS", "MAX_PIXEL_VALUE",
@@ -50,6 +51,6 @@ __all__ = [
     "NUM_PIXEL_LEVELS", "SPIRAL_NOISE_STD", "SPIRAL_TURNS", "SPLITS", "TOY_DIM", "TOY_NAMES", "TWO_GAUSSIANS_COVS",
     "TWO_GAUSSIANS_MEANS", "TWO_GAUSSIANS_WEIGHTS", "create_batch_stream", "describe", "evaluation_subset",
     "fetch_url", "file_md5", "float_to_uint8", "get_dataset", "load_cifar10", "load_dataset", "load_mnist",
-    "load_toy", "read_cifar10_batch", "read_idx", "register", "sample_shape", "sample_spiral", "toy_mixture",
+    "load_toy", "read_cifar10_batch", "read_idx", "register", "sample_shape", "sample_spiral", "toy_dim", "toy_mixture",
     "training_view", "uint8_to_float", "validate_data_config",
 ]

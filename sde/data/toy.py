@@ -1,7 +1,9 @@
-"""Toy 2-D data: one Gaussian, a mixture of two, and a spiral, generated from the seed.
+"""Toy data generated from the seed: 2-D (one Gaussian, a mixture of two, a spiral) and
+1-D (one Gaussian, a mixture of two), the sets the teaching material noises and denoises.
 
-The Gaussian sets come with their closed form (``toy_mixture``), so tests can compare a
-learned score with the exact one.
+The Gaussian sets come with their closed form (``toy_mixture``): density, noised marginals
+and exact score, so a learned score can be compared with the exact one and the exact score
+can stand in for a network (``model.name = "exact"``).
 """
 from __future__ import annotations
 
@@ -18,11 +20,13 @@ from sde.data.seeds import TOY_STREAM, derived_generator
 
 Tensor = torch.Tensor
 
-TOY_NAMES = ("gaussian", "two_gaussians", "spiral")
+TOY_NAMES = ("gaussian", "two_gaussians", "spiral", "gaussian_1d", "two_gaussians_1d")
 #: The toy sets' splits: independent draws of the same distribution.
 TOY_SPLITS = ("train", "test")
-#: Dimension of the toy data points.
+#: Dimension of the 2-D sets' points (the 1-D sets' is 1; ``toy_dim``).
 TOY_DIM = 2
+#: The sets with a closed-form density (Gaussian mixtures).
+CLOSED_FORM_NAMES = ("gaussian", "two_gaussians", "gaussian_1d", "two_gaussians_1d")
 
 #: "gaussian": N(mean, cov), std (0.6, 0.4) and correlation 0.5.
 GAUSSIAN_MEAN = (0.5, -0.25)
@@ -36,6 +40,19 @@ TWO_GAUSSIANS_COVS = (((0.09, 0.0), (0.0, 0.04)), ((0.04, 0.02), (0.02, 0.09)))
 #: spread evenly along the arm), angle 2 pi SPIRAL_TURNS r, plus N(0, SPIRAL_NOISE_STD^2 I).
 SPIRAL_TURNS = 2.0
 SPIRAL_NOISE_STD = 0.03
+#: "gaussian_1d": N(GAUSSIAN_1D_MEAN, GAUSSIAN_1D_STD^2).
+GAUSSIAN_1D_MEAN, GAUSSIAN_1D_STD = 1.0, 0.5
+#: "two_gaussians_1d": 0.3 N(-1.5, 0.3^2) + 0.7 N(1.0, 0.5^2); unequal weights and widths.
+TWO_GAUSSIANS_1D_WEIGHTS = (0.3, 0.7)
+TWO_GAUSSIANS_1D_MEANS = (-1.5, 1.0)
+TWO_GAUSSIANS_1D_STDS = (0.3, 0.5)
+
+
+def toy_dim(name: str) -> int:
+    """Dimension of toy set ``name``'s points."""
+    if name not in TOY_NAMES:
+        raise ValueError(f"unknown toy set {name!r}; valid: {', '.join(TOY_NAMES)}")
+    return 1 if name.endswith("_1d") else TOY_DIM
 
 
 @dataclass(frozen=True)
@@ -59,6 +76,35 @@ class GaussianMixture:
         points = self.means[components] + torch.einsum("nij,nj->ni", cholesky[components], normal)
         return points.to(torch.float32)
 
+    def noised(self, alpha: float, sigma: float) -> "GaussianMixture":
+        """The law of alpha x_0 + sigma z: components N(alpha mu_k, alpha^2 Sigma_k + sigma^2 I)."""
+        eye = torch.eye(self.means.shape[1], dtype=torch.float64)
+        return GaussianMixture(self.weights, alpha * self.means, alpha ** 2 * self.covariances + sigma ** 2 * eye)
+
+    def component_log_probs(self, x: Tensor) -> Tensor:
+        """[N, K] log(w_k N(x; mu_k, Sigma_k)) in float64 (x: [N, D])."""
+        x = x.to(torch.float64)
+        cholesky = torch.linalg.cholesky(self.covariances)                       # [K, D, D]
+        diff = x[:, None, :] - self.means[None]                                  # [N, K, D]
+        white = torch.linalg.solve_triangular(cholesky[None], diff[..., None], upper=False)[..., 0]
+        log_det = 2 * torch.log(torch.diagonal(cholesky, dim1=-2, dim2=-1)).sum(-1)  # [K]
+        dim = self.means.shape[1]
+        return (torch.log(self.weights)[None] - 0.5 * (white ** 2).sum(-1)
+                - 0.5 * log_det[None] - 0.5 * dim * math.log(2 * math.pi))
+
+    def log_prob(self, x: Tensor) -> Tensor:
+        """[N] log density of the mixture at x [N, D], float64."""
+        return torch.logsumexp(self.component_log_probs(x), dim=1)
+
+    def score(self, x: Tensor) -> Tensor:
+        """[N, D] grad_x log p(x) = -sum_k r_k(x) Sigma_k^{-1} (x - mu_k), float64, with the
+        responsibilities r_k(x) = w_k N(x; mu_k, Sigma_k) / p(x)."""
+        x = x.to(torch.float64)
+        responsibility = torch.softmax(self.component_log_probs(x), dim=1)       # [N, K]
+        diff = x[:, None, :] - self.means[None]                                  # [N, K, D]
+        precision_diff = torch.linalg.solve(self.covariances[None], diff[..., None])[..., 0]
+        return -(responsibility[..., None] * precision_diff).sum(1)
+
 
 def toy_mixture(name: str) -> GaussianMixture:
     """Closed-form parameters of the toy set ``name`` ("gaussian" or "two_gaussians")."""
@@ -70,9 +116,14 @@ def toy_mixture(name: str) -> GaussianMixture:
     if name == "two_gaussians":
         return GaussianMixture(as_tensor(TWO_GAUSSIANS_WEIGHTS), as_tensor(TWO_GAUSSIANS_MEANS),
                                as_tensor(TWO_GAUSSIANS_COVS))
+    if name == "gaussian_1d":
+        return GaussianMixture(as_tensor([1.0]), as_tensor([[GAUSSIAN_1D_MEAN]]), as_tensor([[[GAUSSIAN_1D_STD ** 2]]]))
+    if name == "two_gaussians_1d":
+        return GaussianMixture(as_tensor(TWO_GAUSSIANS_1D_WEIGHTS), as_tensor(TWO_GAUSSIANS_1D_MEANS)[:, None],
+                               as_tensor(TWO_GAUSSIANS_1D_STDS)[:, None, None] ** 2)
     if name == "spiral":
-        raise ValueError("the toy set 'spiral' has no closed-form density; closed forms exist for "
-                         "'gaussian' and 'two_gaussians'")
+        raise ValueError(f"the toy set 'spiral' has no closed-form density; closed forms exist for "
+                         f"{', '.join(map(repr, CLOSED_FORM_NAMES))}")
     raise ValueError(f"unknown toy set {name!r}; valid: {', '.join(TOY_NAMES)}")
 
 
@@ -86,7 +137,8 @@ def sample_spiral(num_samples: int, generator: torch.Generator) -> Tensor:
 
 
 def load_toy(name: str, num_samples: int, seed: int, split: str) -> Tensor:
-    """``num_samples`` float32 points [N, 2] of toy set ``name``; a function of (seed, split)."""
+    """``num_samples`` float32 points [N, toy_dim(name)] of toy set ``name``; a function of
+    (seed, split)."""
     if split not in TOY_SPLITS:
         raise ValueError(f"unknown toy split {split!r}; valid: {', '.join(TOY_SPLITS)}")
     if num_samples < 1:
@@ -113,4 +165,4 @@ def _check(data: ml_collections.ConfigDict) -> None:
 
 
 DATASET = register(Dataset(name="toy", kind="points", splits=TOY_SPLITS, load=_load,
-                           example_shape=lambda data: (TOY_DIM,), check=_check))
+                           example_shape=lambda data: (toy_dim(data.toy_name),), check=_check))

@@ -8,6 +8,8 @@
   embedding_type, fourier_scale, skip_rescale, channels_last}.
 * ``"mlp"`` (point data, ``data.dataset = "toy"``): ``ToyMLP`` on the points with ``hidden = model.nf``
   and model.{num_layers, embedding_type, fourier_scale}.
+* ``"exact"`` (toy sets with a closed form, ``data.CLOSED_FORM_NAMES``): ``ExactMixtureEps``, the
+  true noise predictor of the data under the configured SDE; nothing to train or load.
 """
 from __future__ import annotations
 
@@ -18,8 +20,9 @@ import ml_collections
 from torch import nn
 
 from sde.config_rules import check_values
-from sde.data import get_dataset
+from sde.data import CLOSED_FORM_NAMES, get_dataset, toy_mixture
 from sde.models.embeddings import EMBEDDING_TYPES, TimeEmbedding
+from sde.models.exact import ExactMixtureEps
 from sde.models.mlp import ToyMLP
 from sde.models.unet import UNet
 
@@ -52,10 +55,28 @@ def _build_mlp(config: ml_collections.ConfigDict) -> ToyMLP:
                   embedding_type=model.embedding_type, fourier_scale=model.fourier_scale)
 
 
+def _build_exact(config: ml_collections.ConfigDict) -> ExactMixtureEps:
+    from sde.sdes import create_sde  # the model is the SDE's marginal score
+
+    return ExactMixtureEps(create_sde(config), toy_mixture(config.data.toy_name))
+
+
+def _check_exact(config: ml_collections.ConfigDict) -> None:
+    if config.data.toy_name not in CLOSED_FORM_NAMES:
+        raise ValueError(f"model.name='exact' needs a toy set with a closed-form density "
+                         f"({', '.join(CLOSED_FORM_NAMES)}), got data.toy_name={config.data.toy_name!r}")
+
+
 MODELS: dict[str, ModelSpec] = {
     "unet": ModelSpec(_build_unet, kind="image"),
     "mlp": ModelSpec(_build_mlp, kind="points"),
+    "exact": ModelSpec(_build_exact, kind="points", check=_check_exact),
 }
+
+
+def is_exact(config: ml_collections.ConfigDict) -> bool:
+    """Whether the configured model is a closed form (no weights to train or load)."""
+    return config.model.name == "exact"
 
 
 def check_model_config(config: ml_collections.ConfigDict) -> None:
@@ -84,5 +105,5 @@ def count_parameters(module: nn.Module) -> int:
     return sum(parameter.numel() for parameter in module.parameters())
 
 
-__all__ = ["EMBEDDING_TYPES", "MODELS", "ModelSpec", "TimeEmbedding", "ToyMLP", "UNet", "check_model_config",
-           "count_parameters", "create_model"]
+__all__ = ["EMBEDDING_TYPES", "ExactMixtureEps", "MODELS", "ModelSpec", "TimeEmbedding", "ToyMLP", "UNet",
+           "check_model_config", "count_parameters", "create_model", "is_exact"]

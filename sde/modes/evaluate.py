@@ -1,8 +1,10 @@
-"""``--mode eval``: held-out loss, bits/dim (ODE and ELBO), FID/KID and classifier metrics.
+"""``--mode eval``: held-out loss, bits/dim (ODE and ELBO), FID/KID and classifier metrics;
+for point data the held-out loss, the ODE log-likelihood against the true density and the
+sliced Wasserstein distance of samples to the data law (``point_metrics``).
 
 For the latest checkpoint (or ``sampling.checkpoint``) it writes
-``workdir/eval/report_step<step>.json``, TensorBoard scalars under ``eval/`` and prints a
-table. FID/KID use ``eval.num_samples`` images from the configured sampler against the
+``workdir/eval/report_step<step>.json`` (``report_exact.json`` for the closed-form toy
+model), TensorBoard scalars under ``eval/`` and prints a table. FID/KID use ``eval.num_samples`` images from the configured sampler against the
 Inception statistics of the training split (cached once per machine,
 ``sde.quality.cache_dir``); bits/dim use ``eval.bpd_num_images`` images of
 ``eval.heldout_split``.
@@ -23,11 +25,14 @@ from typing import Any
 import numpy as np
 import torch
 
+from evaluation.points import sliced_wasserstein
 from sde import configuration, data, distributed, environment, images, likelihood
 from sde.checks import require
 from sde.configuration import sampler_options
+from sde.generation import generate
 from sde.inference import load_ema_model
 from sde.losses import LossConfig, make_loss_fn
+from sde.models import is_exact
 from sde.progress import bar as progress_bar
 from sde.quality import check_cache_dir, classifier_metrics_for, inception_for, reference_features, sample_quality
 from sde.sdes import create_sde
@@ -35,7 +40,7 @@ from sde.workdir import Workdir
 
 #: Random streams of the held-out evaluation: batch b of stream s draws from generator
 #: (config.seed, s, b), whichever process evaluates it.
-HELDOUT_LOSS_STREAM, BPD_ODE_STREAM, BPD_ELBO_STREAM, ELBO_PILOT_STREAM = range(4)
+HELDOUT_LOSS_STREAM, BPD_ODE_STREAM, BPD_ELBO_STREAM, ELBO_PILOT_STREAM, SLICED_WASSERSTEIN_STREAM = range(5)
 #: The ELBO parts reported besides the total (likelihood.elbo_bits_per_dim).
 ELBO_PARTS = ("prior", "diffusion", "reconstruction")
 
@@ -125,6 +130,66 @@ def heldout_metrics(config, model, sde, heldout: torch.Tensor, *,
     return report
 
 
+def point_metrics(config, model, sde, device: torch.device, *, progress: bool = True) -> dict[str, Any]:
+    """Toy-data metrics: held-out loss; -log p(x) of ``eval.bpd_num_images`` held-out points by
+    the probability-flow ODE (exact divergence, Song et al. 2021 eq. 39), beside the true
+    density where the set has a closed form (with the exact score the two agree up to the
+    prior mismatch at T and the ODE's tolerance); the sliced Wasserstein-2 distance between
+    ``eval.num_samples`` samples of the configured sampler and as many fresh points of the
+    data law (the "test" draw), with its floor, the distance between the "train" draw and the
+    "test" draw of that size. Point data are small: every rank computes all of it.
+    """
+    eval_cfg, name = config.eval, config.data.toy_name
+    closed_form = data.toy_mixture(name) if name in data.CLOSED_FORM_NAMES else None
+    heldout, _ = data.evaluation_subset(*data.load_dataset(config, split=eval_cfg.heldout_split),
+                                        eval_cfg.bpd_num_images, seed=config.seed)
+    loss_fn = make_loss_fn(sde, LossConfig(continuous=config.training.continuous, eps=config.training.eps))
+    loss_sum, nll, nfe = 0.0, [], 0
+    started = time.perf_counter()
+    for batch_index, start in enumerate(range(0, len(heldout), eval_cfg.batch_size)):
+        batch = heldout[start:start + eval_cfg.batch_size].to(device)
+        generator = _batch_generator(config.seed, HELDOUT_LOSS_STREAM, batch_index)
+        with torch.no_grad():
+            loss_sum += loss_fn(model, batch, generator=generator).item() * len(batch)
+        logp, info = likelihood.ode_log_likelihood(model, sde, batch, divergence="exact")
+        nll.append(-logp.cpu())
+        nfe += info["nfe"]
+    nll = torch.cat(nll)
+    report: dict[str, Any] = {"heldout": {"split": eval_cfg.heldout_split, "num_images": len(heldout)},
+                              "heldout_loss": loss_sum / len(heldout)}
+    mean, standard_error, _ = likelihood.mean_and_standard_error(nll[:, None])
+    report["nll_ode"] = {"mean": mean, "standard_error": standard_error, "nfe": nfe, "divergence": "exact"}
+    if closed_form is not None:
+        error = nll + closed_form.log_prob(heldout)
+        report["nll_ode"].update(true_mean=float(-closed_form.log_prob(heldout).mean()),
+                                 mean_abs_error=float(error.abs().mean()), max_abs_error=float(error.abs().max()))
+    if progress:
+        print(f"held-out -log p of {len(heldout)} points by the ODE: {mean:.4f} nats ({nfe} NFE) in "
+              f"{time.perf_counter() - started:.1f} s", flush=True)
+
+    count, sampling = eval_cfg.num_samples, config.sampling
+    produced = generate(config, model, sde, device, num_samples=count, seed=sampling.seed, method=sampling.method,
+                        steps=sampling.steps, options=sampler_options(config), progress=progress)
+    batches = [(x.float().cpu(), info["nfe"]) for _, x, info in produced]
+    samples = torch.cat([x for x, _ in batches])
+    law = data.load_toy(name, count, config.seed, "test")
+    def distance(points: torch.Tensor) -> float:  # the same directions for both distances
+        return sliced_wasserstein(points, law, generator=_batch_generator(config.seed, SLICED_WASSERSTEIN_STREAM, 0))
+
+    report["samples"] = {
+        "sampler": sampling.method, "steps": sampling.steps, "nfe": batches[-1][1], "num_samples": count,
+        "sliced_wasserstein": distance(samples),
+        "sliced_wasserstein_floor": distance(data.load_toy(name, count, config.seed, "train")),
+        "mean": samples.double().mean(0).tolist(), "std": samples.double().std(0).tolist(),
+        "data_mean": law.double().mean(0).tolist(), "data_std": law.double().std(0).tolist()}
+    if closed_form is not None:
+        weights, means = closed_form.weights[:, None], closed_form.means
+        true_mean = (weights * means).sum(0)
+        second = (weights * (torch.diagonal(closed_form.covariances, dim1=-2, dim2=-1) + means ** 2)).sum(0)
+        report["samples"].update(data_mean=true_mean.tolist(), data_std=(second - true_mean ** 2).sqrt().tolist())
+    return report
+
+
 def check(config) -> None:
     """The config of an evaluation: one clear ValueError on the first problem."""
     configuration.validate(config)
@@ -181,10 +246,13 @@ def evaluate(config, workdir: str | Path) -> dict[str, Any]:
         report["samples"] = quality
         if context.is_main:
             images.save_png(images.image_grid(grid), run.eval / f"samples_step{step}.png")
+    else:
+        report.update(point_metrics(config, model, sde, device, progress=context.is_main))
 
     if not context.is_main:
         return {}
-    images.save_json(report, run.eval / f"report_step{step}.json")
+    tag = "exact" if is_exact(config) else f"step{step}"  # the closed-form model has no training step
+    images.save_json(report, run.eval / f"report_{tag}.json")
     _log_tensorboard(run, report, step or 0)
     report["message"] = format_report(report)
     return report
@@ -194,11 +262,11 @@ def _scalars(report: dict[str, Any]) -> dict[str, float]:
     scalars = {}
     if "heldout_loss" in report:
         scalars["heldout_loss"] = report["heldout_loss"]
-    for key in ("bpd_ode", "bpd_elbo"):
+    for key in ("bpd_ode", "bpd_elbo", "nll_ode"):
         if key in report:
             scalars[key] = report[key]["mean"]
     quality = report.get("samples", {})
-    for key in ("fid", "kid"):
+    for key in ("fid", "kid", "sliced_wasserstein"):
         if key in quality:
             scalars[key] = quality[key]
     if "classifier" in quality:
@@ -215,12 +283,24 @@ def _log_tensorboard(run: Workdir, report: dict[str, Any], step: int) -> None:
             writer.add_scalar(f"eval/{name}", value, step)
 
 
+def _numbers(values) -> str:
+    return "(" + ", ".join(f"{value:.3f}" for value in values) + ")"
+
+
 def format_report(report: dict[str, Any]) -> str:
     """A printed table of the report's headline numbers."""
-    rows = [("checkpoint", f"{report['checkpoint']} (step {report['checkpoint_step']})")]
+    step = report["checkpoint_step"]
+    rows = [("checkpoint", report["checkpoint"] + (f" (step {step})" if step is not None else ""))]
+    points = "nll_ode" in report
     if "heldout_loss" in report:
-        rows.append(("held-out loss", f"{report['heldout_loss']:.5f}  "
-                                      f"({report['heldout']['num_images']} {report['heldout']['split']} images)"))
+        rows.append(("held-out loss", f"{report['heldout_loss']:.5f}  ({report['heldout']['num_images']} "
+                                      f"{report['heldout']['split']} {'points' if points else 'images'})"))
+    if points:
+        nll = report["nll_ode"]
+        value = f"{nll['mean']:.4f} ± {nll['standard_error']:.4f} nats  ({nll['nfe']} NFE)"
+        if "true_mean" in nll:
+            value += f"; true {nll['true_mean']:.4f}, mean |error| {nll['mean_abs_error']:.2e}"
+        rows.append(("-log p (ODE)", value))
     for key, label in (("bpd_ode", "bits/dim (ODE)"), ("bpd_elbo", "bits/dim (ELBO)")):
         if key in report:
             value = f"{report[key]['mean']:.4f} ± {report[key]['standard_error']:.4f}"
@@ -228,7 +308,13 @@ def format_report(report: dict[str, Any]) -> str:
                 value += f"  ({report[key]['dequantization'].replace('_', '-')} dequantization)"
             rows.append((label, value))
     quality = report.get("samples")
-    if quality:
+    if quality and points:
+        rows.append(("sampler", f"{quality['sampler']}, {quality['steps']} steps, {quality['nfe']} NFE"))
+        rows.append(("sliced W2 to data", f"{quality['sliced_wasserstein']:.4f}  ({quality['num_samples']} samples; "
+                                          f"two draws of the data: {quality['sliced_wasserstein_floor']:.4f})"))
+        rows.append(("mean / std", f"{_numbers(quality['mean'])} / {_numbers(quality['std'])}  (data "
+                                   f"{_numbers(quality['data_mean'])} / {_numbers(quality['data_std'])})"))
+    elif quality:
         rows.append(("sampler", f"{quality['sampler']}, {quality['steps']} steps, {quality['nfe']} NFE"))
         rows.append(("FID", f"{quality['fid']:.3f}  ({quality['num_samples']} samples vs "
                             f"{quality['num_reference']} reference images)"))

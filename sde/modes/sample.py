@@ -6,7 +6,8 @@ point data: ``points`` float32 [N, D]), ``<name>.json`` (sampler, the options gi
 setting resolved (``resolved_options``), steps, NFE, seed,
 wall time, checkpoint), and with ``sampling.save_trajectory`` ``<name>_trajectory.png``:
 rows of x_T -> x_0 for a few samples, then rows of the forward noising of real images at
-the same times.
+the same times. Point data always get ``<name>_flow.png`` (``sde.toy_figures``): the data
+noised forward and the sampler's way back, with reverse SDE and ODE paths.
 
 Memory stays flat in ``num_samples``: batches are written into the .npz's array as they
 come (one deflated zip member, as ``np.savez_compressed`` writes it) and only the grid's
@@ -25,7 +26,7 @@ from typing import Any, BinaryIO, Iterable, Iterator
 import numpy as np
 import torch
 
-from sde import configuration, data, distributed, environment, images, randomness, samplers
+from sde import configuration, data, distributed, environment, images, randomness, samplers, toy_figures
 from sde.checkpoint import atomic_write
 from sde.configuration import sampler_options
 from sde.generation import generate, sample_generators
@@ -190,8 +191,9 @@ def sample(config, workdir: str | Path) -> dict[str, Any]:
     if points:
         reference, _ = data.load_dataset(config)
         with np.load(npz_path) as saved:
-            images.scatter_png(saved["points"], samples_dir / f"{name}.png", title=name,
-                               reference=reference[:2000].numpy())
+            images.points_png(saved["points"], samples_dir / f"{name}.png", title=name,
+                              reference=reference[:2000].numpy())
+        toy_figures.flow_figure(config, model, sde, context.device, options, samples_dir / f"{name}_flow.png")
     else:
         images.save_png(images.image_grid(np.concatenate(grid)), samples_dir / f"{name}.png")
         if cfg.save_trajectory:
@@ -202,7 +204,8 @@ def sample(config, workdir: str | Path) -> dict[str, Any]:
               "nfe_per_sample": nfe, "num_samples": cfg.num_samples, "seed": cfg.seed,
               "wall_time_s": wall_time, "processes": context.world_size,
               "checkpoint": source, "checkpoint_step": step, "sde": repr(sde), "environment": running_on,
-              "files": {"grid": f"{name}.png", "samples": f"{name}.npz"}}
+              "files": {"grid": f"{name}.png", "samples": f"{name}.npz",
+                        **({"flow": f"{name}_flow.png"} if points else {})}}
     images.save_json(record, samples_dir / f"{name}.json")
     record["message"] = (f"{cfg.num_samples} samples with {cfg.method} ({nfe} NFE each) in "
                          f"{wall_time:.1f} s -> {samples_dir / (name + '.png')}")

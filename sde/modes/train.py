@@ -30,7 +30,7 @@ from sde.divergence import DivergenceGuard, TrainingDiverged
 from sde.inference import load_weights
 from sde.losses import LossConfig, make_loss_fn
 from sde.progress import bar as progress_bar
-from sde.models import count_parameters, create_model
+from sde.models import count_parameters, create_model, is_exact
 from sde.sdes import create_sde
 from sde.workdir import TrainingLock, Workdir, WorkdirError
 
@@ -172,6 +172,8 @@ def sample_grid(config, ema_model: torch.nn.Module, sde, device: torch.device, c
 def check(config) -> None:
     """The config of a training run: one clear ValueError on the first problem."""
     configuration.validate(config)  # every numeric key's rule among them (sde/config_rules.py)
+    require(not is_exact(config), "model.name='exact' is the closed-form score of the toy set: it has nothing "
+            "to train; use it with --mode sample / eval, or train model.name='mlp'")
     training = config.training
     require(training.continuous or not training.likelihood_weighting,
             "training.likelihood_weighting needs training.continuous=True")
@@ -471,8 +473,8 @@ def _write_samples(config, ema_model, sde, device, run, writer, step, dataset) -
     ema_model.train(was_training)
     path = run.samples / f"train_step_{step}.png"
     if not data.get_dataset(config.data.dataset).is_image:
-        images.scatter_png(x.numpy(), path, title=f"step {step}",
-                           reference=dataset[:2000].numpy())
+        images.points_png(x.numpy(), path, title=f"step {step}",
+                          reference=dataset[:2000].numpy())
         return
     grid = images.image_grid(data.float_to_uint8(x, dequantized=config.data.dequantize).numpy())
     images.save_png(grid, path)
