@@ -26,6 +26,7 @@ MODES = {
     "compare": "sde.modes.compare",
     "export": "sde.modes.export",
     "align_steps": "sde.modes.align_steps",
+    "latent": "sde.modes.latent",
 }
 
 FLAGS = flags.FLAGS

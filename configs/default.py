@@ -117,4 +117,17 @@ def get_default_config() -> ml_collections.ConfigDict:
     config.compare = compare = ml_collections.ConfigDict()
     compare.runs = ("ancestral:10", "ddim:10", "dpm_solver:10", "heun:6", "ddim:50")
     compare.num_samples = 500
+
+    # --mode latent: the probability-flow ODE's latent space (sde/latent.py).
+    config.latent = latent = ml_collections.ConfigDict()
+    latent.task = "reconstruct"     # reconstruct | interpolate
+    latent.method = "dpm_solver_2"  # ddim (DDIM inversion) | dpm_solver_2 | adaptive
+    latent.steps = 50               # fixed-step methods: steps each way (dpm_solver_2: 2 NFE per step)
+    latent.eps = 1e-3               # the data end of the ODE
+    latent.rtol = 1e-5              # adaptive only
+    latent.atol = 1e-5
+    latent.num_images = 8           # reconstruct: held-out images (eval.heldout_split)
+    latent.pairs = 4                # interpolate: pairs of held-out images, one row each
+    latent.frames = 9               # interpolate: points per row, both ends included
+    latent.kind = "slerp"           # interpolate: slerp | lerp
     return config

@@ -132,6 +132,10 @@ class Pipeline:
         """Samples as 8-bit images on the CPU (the inverse of the data's scaling)."""
         return data.float_to_uint8(x.float().cpu(), dequantized=self.config.data.dequantize)
 
+    def to_float(self, images: Tensor) -> Tensor:
+        """8-bit images as the model's input on its device (the data's scaling, no dequantization)."""
+        return data.uint8_to_float(images, dequantize=False).to(self.device)
+
     def dataset(self, split: str | None = None) -> tuple[Tensor, Tensor | None]:
         """The model's data set, ``split`` (default: the one it was trained on), raw."""
         return data.load_dataset(self.config, split)

@@ -151,6 +151,13 @@ RULES: dict[str, Rule] = {
     "align_steps.batch_size": _int(),
     "align_steps.learning_rate": _real(low=0, low_open=True),
     "compare.num_samples": _int(2, note=TWO_FOR_FID),
+    "latent.steps": _int(),
+    "latent.eps": _real(low=0, low_open=True, high=1, high_open=True),
+    "latent.rtol": _real(low=0, low_open=True),
+    "latent.atol": _real(low=0, low_open=True),
+    "latent.num_images": _int(),
+    "latent.pairs": _int(),
+    "latent.frames": _int(2),
 }
 
 

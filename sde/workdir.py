@@ -79,6 +79,10 @@ class Workdir:
     def schedules(self) -> Path:
         return self._sub("schedules")
 
+    @property
+    def latent(self) -> Path:
+        return self._sub("latent")
+
     def write_config(self, config, environment: dict | None = None) -> None:
         """Freeze the resolved config into ``config.json`` (atomically), with what the run
         ran on under ``"environment"`` (``sde.environment``; not a config key)."""

@@ -67,6 +67,13 @@ BAD: dict[str, tuple] = {
     "align_steps.batch_size": (0, True),
     "align_steps.learning_rate": (0.0, -0.1, NAN, INF),
     "compare.num_samples": (0, 1, True),
+    "latent.steps": (0, True),
+    "latent.eps": (0.0, 1.0, -1e-3, NAN, INF),
+    "latent.rtol": (0.0, -1e-5, NAN, INF),
+    "latent.atol": (0.0, NAN),
+    "latent.num_images": (0, True),
+    "latent.pairs": (0, True),
+    "latent.frames": (1, 0, True),
 }
 
 #: key -> values its rule must take, other than the tiny config's own (the ends of ranges,
@@ -118,6 +125,13 @@ GOOD: dict[str, tuple] = {
     "align_steps.batch_size": (1,),
     "align_steps.learning_rate": (1e-4, 1),
     "compare.num_samples": (2,),
+    "latent.steps": (1,),
+    "latent.eps": (1e-6, 0.5),
+    "latent.rtol": (1e-10, 0.1),
+    "latent.atol": (1e-10,),
+    "latent.num_images": (1,),
+    "latent.pairs": (1,),
+    "latent.frames": (2,),
 }
 
 

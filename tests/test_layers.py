@@ -15,7 +15,7 @@ LAYERS = [
      "sde.data"],
     ["sde.workdir", "sde.images", "sde.models"],
     ["sde.samplers", "sde.losses"],
-    ["sde.likelihood"],
+    ["sde.likelihood", "sde.latent"],
     ["sde.inference", "sde.configuration"],
     ["sde.generation"],
     ["sde.quality", "sde.toy_figures"],
