@@ -27,6 +27,7 @@ MODES = {
     "export": "sde.modes.export",
     "align_steps": "sde.modes.align_steps",
     "latent": "sde.modes.latent",
+    "inverse": "sde.modes.inverse",
 }
 
 FLAGS = flags.FLAGS

@@ -130,4 +130,16 @@ def get_default_config() -> ml_collections.ConfigDict:
     latent.pairs = 4                # interpolate: pairs of held-out images, one row each
     latent.frames = 9               # interpolate: points per row, both ends included
     latent.kind = "slerp"           # interpolate: slerp | lerp
+
+    # --mode inverse: linear inverse problems with the unconditional network (sde/inverse.py).
+    config.inverse = inverse = ml_collections.ConfigDict()
+    inverse.task = "inpaint"        # inpaint | colorize (colour data) | superres
+    inverse.mask = "box"            # inpaint: box (the centre quarter) | half (the right half) | random
+    inverse.keep = 0.25             # random mask: fraction of pixels observed
+    inverse.factor = 2              # superres: block size
+    inverse.method = "replacement"  # replacement (Song et al. 2021) | smc (SMCDiff, asymptotically exact)
+    inverse.steps = 100
+    inverse.particles = 8           # smc: particles per image (NFE per image = particles x steps)
+    inverse.eps = 1e-3
+    inverse.num_images = 16         # held-out images (eval.heldout_split)
     return config

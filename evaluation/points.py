@@ -31,10 +31,11 @@ def sliced_wasserstein(a: Tensor, b: Tensor, *, projections: int = DEFAULT_PROJE
     a, b = a.to(torch.float64), b.to(torch.float64)
     dim = a.shape[1]
     if dim == 1:
-        directions = torch.ones(1, 1, dtype=torch.float64)
+        directions = torch.ones(1, 1, dtype=torch.float64, device=a.device)
     else:
-        directions = randomness.randn((projections, dim), generator=generator, dtype=torch.float64)
+        directions = randomness.randn((projections, dim), generator=generator, dtype=torch.float64, device=a.device)
         directions = directions / directions.norm(dim=1, keepdim=True)
+    b = b.to(a.device)
     projected_a = torch.sort(a @ directions.T, dim=0).values   # [N, P]
     projected_b = torch.sort(b @ directions.T, dim=0).values
     return float(((projected_a - projected_b) ** 2).mean().sqrt())

@@ -158,6 +158,12 @@ RULES: dict[str, Rule] = {
     "latent.num_images": _int(),
     "latent.pairs": _int(),
     "latent.frames": _int(2),
+    "inverse.keep": _real(low=0, high=1),
+    "inverse.factor": _int(),
+    "inverse.steps": _int(2),
+    "inverse.particles": _int(),
+    "inverse.eps": _real(low=0, low_open=True, high=1, high_open=True),
+    "inverse.num_images": _int(),
 }
 
 

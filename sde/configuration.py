@@ -9,6 +9,7 @@ with code 2.
 """
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 from sde import data, samplers
@@ -59,3 +60,14 @@ def check_sampling(config) -> None:
         samplers.resolve_options(sampling.method, create_sde(config), sampler_options(config), sampling.steps)
     except (ValueError, FileNotFoundError) as error:
         raise type(error)(f"sampling.options: {error}") from error
+
+
+def check_heldout_run(config) -> None:
+    """A mode that works on held-out data with given weights: ``eval.heldout_split`` must be a
+    split of the data set, and ``sampling.checkpoint``, when set, an existing file."""
+    try:
+        data.validate_data_config(config, config.eval.heldout_split)
+    except ValueError as error:
+        raise ValueError(f"eval.heldout_split: {error}") from error
+    require(not config.sampling.checkpoint or Path(config.sampling.checkpoint).is_file(),
+            f"sampling.checkpoint={config.sampling.checkpoint!r} does not exist")

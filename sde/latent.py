@@ -21,8 +21,9 @@ Solvers (``METHODS``):
   (a multistep method would start with a first-order step and carry the previous eps; it
   inverts as well, but its first step bounds the error at first order).
 * ``"adaptive"``: torchdiffeq's dopri5 on dx/dt = f(t) x + g(t)^2 / (2 sigma_t) eps(x, t) with
-  ``rtol``/``atol``, as ``likelihood.ode_log_likelihood`` integrates it (without the
-  divergence), so the two give the same latent for the same settings.
+  ``rtol``/``atol``. ``likelihood.ode_log_likelihood`` with ``variable="t"`` integrates the same
+  ODE, its step control also weighing the log-density; at tight tolerances the two latents
+  agree (a test), at loose ones they differ by about the tolerance.
 
 The fixed-step grids are uniform in lambda between eps and T. The stochastic samplers have no
 inverse (their paths depend on fresh noise); every deterministic sampler of ``sde.samplers``
@@ -162,9 +163,11 @@ def slerp(z0: Tensor, z1: Tensor, weights: Tensor) -> Tensor:
     sqrt(D) and nearly orthogonal, and slerp stays at that norm where lerp shrinks it by
     up to sqrt(2). z0, z1: [...]; weights [K]; returns [K, ...]."""
     a, b = z0.flatten().to(torch.float64), z1.flatten().to(torch.float64)
-    cosine = torch.clamp(a @ b / (a.norm() * b.norm()), -1.0, 1.0)
-    theta = torch.arccos(cosine)
-    w = weights.to(torch.float64)[:, None]
+    norms = a.norm() * b.norm()
+    if float(norms) == 0.0:  # a zero latent has no direction: the arc is not defined
+        return lerp(z0, z1, weights)
+    theta = torch.arccos(torch.clamp(a @ b / norms, -1.0, 1.0))
+    w = weights.to(device=a.device, dtype=torch.float64)[:, None]
     if float(torch.sin(theta)) < 1e-12:  # (anti)parallel: the arc is not defined, fall back to lerp
         return lerp(z0, z1, weights)
     mixed = (torch.sin((1 - w) * theta) * a + torch.sin(w * theta) * b) / torch.sin(theta)
@@ -173,7 +176,7 @@ def slerp(z0: Tensor, z1: Tensor, weights: Tensor) -> Tensor:
 
 def lerp(z0: Tensor, z1: Tensor, weights: Tensor) -> Tensor:
     """(1 - w) z0 + w z1 for each weight: [K, ...]."""
-    w = weights.to(torch.float64).reshape(-1, *([1] * z0.ndim))
+    w = weights.to(device=z0.device, dtype=torch.float64).reshape(-1, *([1] * z0.ndim))
     return (1 - w) * z0.to(torch.float64)[None] + w * z1.to(torch.float64)[None]
 
 
@@ -189,8 +192,8 @@ def interpolate(model, sde, x0: Tensor, x1: Tensor, *, frames: int = 9, kind: st
     if x0.shape != x1.shape:
         raise ValueError(f"x0 and x1 must have one shape, got {list(x0.shape)} and {list(x1.shape)}")
     latents, encoded = encode(model, sde, torch.stack([x0, x1]), **options)
-    weights = torch.linspace(0.0, 1.0, frames, dtype=torch.float64)
+    weights = torch.linspace(0.0, 1.0, frames, dtype=torch.float64, device=latents.device)
     path = (slerp if kind == "slerp" else lerp)(latents[0], latents[1], weights)
-    decoded, info = decode(model, sde, path.to(latents.device), **options)
+    decoded, info = decode(model, sde, path, **options)
     return decoded, {"nfe_encode": encoded["nfe"], "nfe_decode": info["nfe"], "kind": kind,
                      **{key: value for key, value in info.items() if key != "nfe"}}

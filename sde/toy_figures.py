@@ -46,9 +46,21 @@ FORWARD_NOISE_SEED_OFFSET = 7919
 
 
 def snapshot_times(sde) -> list[float]:
-    """0, the times where alpha/sigma = ``SNAPSHOT_RATIOS``, and T (increasing)."""
+    """0, the times where alpha/sigma = ``SNAPSHOT_RATIOS``, and T (increasing); a ratio the SDE
+    does not reach inside (0, T) (a VE-SDE whose sigma_min or sigma_max is far from the data's
+    scale) is left out."""
     inner = sde.t_from_log_snr(torch.log(torch.tensor(SNAPSHOT_RATIOS, dtype=torch.float64)))
-    return [0.0] + [float(t) for t in inner] + [float(sde.T)]
+    return [0.0] + [float(t) for t in inner if 0.0 < float(t) < sde.T] + [float(sde.T)]
+
+
+def window(sde, x0: np.ndarray) -> float:
+    """Half-width of the pictures' window: 1.1 times the 99.5% quantile of |x_t| over the data
+    (t = 0) and the marginal where alpha/sigma = 1, so the data's structure fills the frame; the
+    prior (3 sigma_max wide for a VE-SDE) may run past it."""
+    t_half = float(sde.t_from_log_snr(torch.zeros(1, dtype=torch.float64)))
+    alpha, sigma = _coefficients(sde, min(max(t_half, 0.0), float(sde.T)))
+    spread_at_half = np.sqrt(alpha ** 2 * np.quantile(np.abs(x0), 0.995) ** 2 + (2.8 * sigma) ** 2)
+    return 1.1 * max(float(np.quantile(np.abs(x0), 0.995)), float(spread_at_half))
 
 
 def _coefficients(sde, t: float) -> tuple[float, float]:
@@ -163,7 +175,7 @@ def flow_figure_1d(*, sde, x0: np.ndarray, reverse: tuple[np.ndarray, np.ndarray
     x0_tensor = torch.as_tensor(x0, dtype=torch.float64)
     forward = forward_marginal_samples(sde, x0_tensor, forward_t, generator)
     rev_t, rev_x = reverse
-    spread = max(3.0 * sde.prior_std, float(np.abs(x0).max()) * 1.1)
+    spread = window(sde, x0)
     low, high = -spread, spread
     bins = np.linspace(low, high, BINS + 1)
 
@@ -238,7 +250,7 @@ def flow_figure_2d(*, sde, x0: np.ndarray, reverse: tuple[np.ndarray, np.ndarray
                          rasterized=True)
             axis.set(title=label, xlim=(-spread, spread), ylim=(-spread, spread))
             axis.title.set_fontsize(8)
-    spread = max(3.0 * sde.prior_std, float(np.abs(x0).max()) * 1.1)
+    spread = window(sde, x0)
     for row, (label, (times_k, states)) in enumerate(paths.items()):
         axis = axes[row, -1]
         axis.scatter(x0[:, 0], x0[:, 1], s=0.3, c="0.8", rasterized=True)

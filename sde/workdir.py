@@ -83,6 +83,10 @@ class Workdir:
     def latent(self) -> Path:
         return self._sub("latent")
 
+    @property
+    def inverse(self) -> Path:
+        return self._sub("inverse")
+
     def write_config(self, config, environment: dict | None = None) -> None:
         """Freeze the resolved config into ``config.json`` (atomically), with what the run
         ran on under ``"environment"`` (``sde.environment``; not a config key)."""

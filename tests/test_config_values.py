@@ -74,6 +74,12 @@ BAD: dict[str, tuple] = {
     "latent.num_images": (0, True),
     "latent.pairs": (0, True),
     "latent.frames": (1, 0, True),
+    "inverse.keep": (-0.1, 1.5, NAN),
+    "inverse.factor": (0, True),
+    "inverse.steps": (1, 0, True),
+    "inverse.particles": (0, True),
+    "inverse.eps": (0.0, 1.0, NAN),
+    "inverse.num_images": (0, True),
 }
 
 #: key -> values its rule must take, other than the tiny config's own (the ends of ranges,
@@ -132,6 +138,12 @@ GOOD: dict[str, tuple] = {
     "latent.num_images": (1,),
     "latent.pairs": (1,),
     "latent.frames": (2,),
+    "inverse.keep": (0.0, 1.0),
+    "inverse.factor": (1,),
+    "inverse.steps": (2,),
+    "inverse.particles": (1,),
+    "inverse.eps": (1e-5,),
+    "inverse.num_images": (1,),
 }
 
 

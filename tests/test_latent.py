@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -68,8 +69,9 @@ def test_fixed_step_inversion_error_falls_at_the_methods_order(gaussian, method,
     assert info["rmse_mean"] < errors[-1]  # the way back undoes most of the way out's error
 
 
-def test_ddim_inversion_is_the_ddim_sampler_run_backwards():
-    """Decoding by the first-order method on a grid is the DDIM sampler (eta = 0) on that grid."""
+def test_ddim_decoding_is_the_ddim_sampler_on_the_same_grid():
+    """Decoding by the first-order method on a grid is the DDIM sampler (eta = 0) on that grid,
+    so encoding with it is DDIM inversion (the same update, run towards noise)."""
     from sde import samplers
 
     pipe = toolkit.exact_toy("two_gaussians_1d")
@@ -88,6 +90,13 @@ def test_encoder_latent_agrees_with_the_likelihoods():
     _, info = likelihood.ode_log_likelihood(pipe.model, pipe.sde, x, eps=latent.DEFAULT_EPS, variable="t",
                                             divergence="exact", rtol=1e-9, atol=1e-9)
     torch.testing.assert_close(z, info["x_T"], rtol=0, atol=1e-6)
+
+
+def test_slerp_of_a_zero_latent_falls_back_to_lerp():
+    zero, z1 = torch.zeros(4, dtype=torch.float64), torch.ones(4, dtype=torch.float64)
+    path = latent.slerp(zero, z1, torch.linspace(0, 1, 5, dtype=torch.float64))
+    assert torch.isfinite(path).all()
+    torch.testing.assert_close(path, latent.lerp(zero, z1, torch.linspace(0, 1, 5, dtype=torch.float64)))
 
 
 def test_slerp_keeps_the_priors_norm_and_lerp_shrinks_it():
@@ -158,3 +167,13 @@ def test_latent_mode_on_point_data_writes_the_numbers(tmp_path):
     assert result.returncode == 0, result.stderr
     record = json.loads((tmp_path / "latent" / "reconstruct_adaptive_tol1e-08.json").read_text())
     assert record["rmse_mean"] < 1e-5 and "grid" not in record["files"]
+    with np.load(tmp_path / "latent" / "reconstruct_adaptive_tol1e-08.npz") as arrays:
+        assert arrays["inputs"].shape == arrays["reconstructions"].shape == arrays["latents"].shape == (8, 2)
+        np.testing.assert_allclose(arrays["reconstructions"], arrays["inputs"], atol=1e-5)
+    result = run_main("--config", "configs/toy_vp.py", "--mode", "latent", "--workdir", str(tmp_path),
+                      "--config.model.name=exact", "--config.data.toy_name=two_gaussians",
+                      "--config.latent.task=interpolate", "--config.latent.pairs=2", "--config.latent.frames=3")
+    assert result.returncode == 0, result.stderr
+    with np.load(tmp_path / "latent" / "interpolate_slerp_dpm_solver_2_50steps.npz") as arrays:
+        assert arrays["paths"].shape == (2, 3, 2)
+        np.testing.assert_allclose(arrays["paths"][:, [0, -1]], arrays["inputs"].reshape(2, 2, 2), atol=1e-3)

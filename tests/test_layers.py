@@ -15,7 +15,7 @@ LAYERS = [
      "sde.data"],
     ["sde.workdir", "sde.images", "sde.models"],
     ["sde.samplers", "sde.losses"],
-    ["sde.likelihood", "sde.latent"],
+    ["sde.likelihood", "sde.latent", "sde.inverse"],
     ["sde.inference", "sde.configuration"],
     ["sde.generation"],
     ["sde.quality", "sde.toy_figures"],

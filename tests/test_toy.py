@@ -231,6 +231,8 @@ def test_sample_and_eval_of_the_exact_model_from_the_cli(tmp_path):
     (["--mode", "sample", "--config.model.name=exact", "--config.data.toy_name=gaussian",
       "--config.sampling.checkpoint=weights.safetensors"],
      "error: model.name='exact' has no weights to load; leave sampling.checkpoint empty"),
+    (["--mode", "export", "--config.model.name=exact", "--config.data.toy_name=gaussian"],
+     "error: model.name='exact' is a closed form with no weights to export"),
 ])
 def test_misuses_of_the_exact_model_get_one_line_and_exit_2(tmp_path, args, message):
     result = run_main("--workdir", str(tmp_path / "run"), *args)

@@ -15,13 +15,16 @@ from typing import Any
 import torch
 
 from sde import checkpoint, configuration, environment
+from sde.checks import require
 from sde.inference import load_ema_model
+from sde.models import is_exact
 from sde.workdir import Workdir
 
 
 def check(config) -> None:
     """The config of an export: one clear ValueError on the first problem."""
     configuration.validate(config)
+    require(not is_exact(config), "model.name='exact' is a closed form with no weights to export")
     if config.sampling.checkpoint.endswith(".safetensors"):
         raise ValueError(f"sampling.checkpoint={config.sampling.checkpoint!r} is already exported "
                          f"weights; give a .pt checkpoint or leave it empty for the workdir's newest")

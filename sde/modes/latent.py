@@ -5,14 +5,16 @@
 * ``reconstruct``: ``latent.num_images`` images of ``eval.heldout_split`` (the fixed evaluation
   subset) encoded to x_T and decoded back with ``latent.method`` (``ddim``: DDIM inversion;
   ``dpm_solver_2``; ``adaptive``: dopri5 at ``latent.rtol``/``atol``) and ``latent.steps``.
-  Writes ``workdir/latent/reconstruct_<method>_<steps>.png`` (originals above their
-  reconstructions) and ``.json`` (per-image RMSE and PSNR on the [-1, 1] scale, NFE each way,
-  wall time).
+  Writes ``workdir/latent/reconstruct_<method>_<steps>steps.png`` (originals above their
+  reconstructions), ``.json`` (per-image RMSE and PSNR on the [-1, 1] scale, NFE per sample
+  each way, wall time) and ``.npz`` (``inputs``, ``reconstructions``, ``latents``).
 * ``interpolate``: ``latent.pairs`` pairs of held-out images, each a row of ``latent.frames``
   decodings of the ``latent.kind`` (slerp or lerp) path between their latents; the ends are
-  the two images' reconstructions. Writes ``interpolate_<kind>_<method>_<steps>.png`` and ``.json``.
+  the two images' reconstructions. Writes ``interpolate_<kind>_<method>_<steps>steps.png``,
+  ``.json`` and ``.npz`` (``inputs``, ``paths`` [pairs, frames, ...]).
 
-Point data get the numbers without the picture.
+Adaptive runs are named by ``tol<rtol>`` (and ``_atol<atol>`` when it differs), and a
+non-default ``latent.eps`` adds ``_eps<eps>``. Point data get the arrays without the picture.
 """
 from __future__ import annotations
 
@@ -20,9 +22,11 @@ import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from sde import configuration, data, environment, images, latent
+from sde.checkpoint import atomic_write
 from sde.checks import require
 from sde.distributed import resolve_device
 from sde.inference import load_ema_model
@@ -48,12 +52,7 @@ def check(config) -> None:
         latent.check_options(create_sde(config), **_options(config))
     except ValueError as error:
         raise ValueError(f"latent.{error}") from error
-    try:
-        data.validate_data_config(config, config.eval.heldout_split)
-    except ValueError as error:
-        raise ValueError(f"eval.heldout_split: {error}") from error
-    require(not config.sampling.checkpoint or Path(config.sampling.checkpoint).is_file(),
-            f"sampling.checkpoint={config.sampling.checkpoint!r} does not exist")
+    configuration.check_heldout_run(config)
 
 
 def run(config, workdir: str | Path) -> dict[str, Any]:
@@ -63,10 +62,14 @@ def run(config, workdir: str | Path) -> dict[str, Any]:
 
 
 def _name(config) -> str:
+    """The run's file name: task, method, its budget, and eps where it is not the default."""
     cfg = config.latent
-    budget = f"tol{cfg.rtol:g}" if cfg.method == "adaptive" else f"{cfg.steps}steps"
+    if cfg.method == "adaptive":
+        budget = f"tol{cfg.rtol:g}" + (f"_atol{cfg.atol:g}" if cfg.atol != cfg.rtol else "")
+    else:
+        budget = f"{cfg.steps}steps"
     prefix = cfg.task if cfg.task == "reconstruct" else f"interpolate_{cfg.kind}"
-    return f"{prefix}_{cfg.method}_{budget}"
+    return f"{prefix}_{cfg.method}_{budget}" + (f"_eps{cfg.eps:g}" if cfg.eps != latent.DEFAULT_EPS else "")
 
 
 def latent_task(config, workdir: str | Path) -> dict[str, Any]:
@@ -96,16 +99,24 @@ def latent_task(config, workdir: str | Path) -> dict[str, Any]:
         message = (f"{count} images through {cfg.method}: RMSE {info['rmse_mean']:.4f}, PSNR "
                    f"{info['psnr_mean']:.2f} dB ({info['nfe_encode']} + {info['nfe_decode']} NFE)")
     else:
-        rows, nfe = [], [0, 0]
+        rows = []
         for pair in range(cfg.pairs):
             path, info = latent.interpolate(model, sde, x[2 * pair], x[2 * pair + 1], frames=cfg.frames,
                                             kind=cfg.kind, **options)
             rows.append(path)
-            nfe = [nfe[0] + info["nfe_encode"], nfe[1] + info["nfe_decode"]]
-        record.update(kind=cfg.kind, frames=cfg.frames, pairs=cfg.pairs, nfe_encode=nfe[0], nfe_decode=nfe[1])
+        # network evaluations per sample, as for reconstruct (every pair costs the same)
+        record.update(kind=cfg.kind, frames=cfg.frames, pairs=cfg.pairs, nfe_encode=info["nfe_encode"],
+                      nfe_decode=info["nfe_decode"])
         message = f"{cfg.pairs} {cfg.kind} interpolations of {cfg.frames} frames through {cfg.method}"
     record["wall_time_s"] = time.perf_counter() - started
-    record["files"] = {"record": f"{name}.json"}
+    record["files"] = {"record": f"{name}.json", "arrays": f"{name}.npz"}
+    arrays = {"inputs": x}
+    if cfg.task == "reconstruct":
+        arrays.update(reconstructions=rows[1], latents=info["x_T"])
+    else:
+        arrays["paths"] = torch.stack(rows)
+    arrays = {key: value.float().cpu().numpy() for key, value in arrays.items()}
+    atomic_write(run.latent / f"{name}.npz", lambda handle: np.savez_compressed(handle, **arrays))
     if is_image:
         strip = torch.cat([row.float().cpu().clamp(-1, 1) for row in rows])
         grid = images.image_grid(data.float_to_uint8(strip, dequantized=False).numpy(),
