@@ -242,8 +242,8 @@ def test_misuses_of_the_exact_model_get_one_line_and_exit_2(tmp_path, args, mess
 
 @pytest.mark.slow
 def test_a_trained_mlp_on_one_dimensional_data_samples_and_draws_its_flow(tmp_path):
-    common = ["--workdir", str(tmp_path), "--config.data.toy_name=two_gaussians_1d", "--config.training.n_iters=300",
-              "--config.training.snapshot_freq=300", "--config.training.sample_freq=300", "--config.model.nf=64",
+    common = ["--workdir", str(tmp_path), "--config.data.toy_name=two_gaussians_1d", "--config.training.n_iters=100",
+              "--config.training.snapshot_freq=100", "--config.training.sample_freq=100", "--config.model.nf=64",
               "--config.model.num_layers=2"]
     assert run_main("--mode", "train", *common).returncode == 0
     result = run_main("--mode", "sample", *common, "--config.sampling.num_samples=200",
