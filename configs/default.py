@@ -141,5 +141,6 @@ def get_default_config() -> ml_collections.ConfigDict:
     inverse.steps = 100
     inverse.particles = 8           # smc: particles per image (NFE per image = particles x steps)
     inverse.eps = 1e-3
+    inverse.noise = 0.0             # std of the observation's noise on the [-1, 1] scale (0: exact)
     inverse.num_images = 16         # held-out images (eval.heldout_split)
     return config

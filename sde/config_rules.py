@@ -164,6 +164,7 @@ RULES: dict[str, Rule] = {
     "inverse.particles": _int(),
     "inverse.eps": _real(low=0, low_open=True, high=1, high_open=True),
     "inverse.num_images": _int(),
+    "inverse.noise": _real(low=0),
 }
 
 

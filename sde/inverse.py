@@ -25,6 +25,16 @@ reverse step x_s ~ N(mu(x_t), v_ts I) of Ho et al. 2020 (eq. 7, the posterior va
   observation is returned, drawn by the final weights. NFE per sample: K per step.
 
 Observed values are exact in the output: the last step sets P x = P y.
+
+Noisy observations, y = A x + noise * n with n ~ N(0, I) (``noise`` > 0): the likelihood of x
+is that of an exact observation of the diffused state x_t* at the level where
+sigma_t* / alpha_t* = noise, with the value alpha_t* y, since
+N(alpha_t* y; alpha_t* A x, sigma_t*^2) is proportional to N(y; A x, noise^2) as a function
+of x. So both methods solve the exact problem down to t* with the observation alpha_t* y, and
+from t* to the data the unobserved *and* observed parts follow the unconditional reverse
+chain, which denoises the observed part: p(x | y) = integral of p(x | x_t*) p(x_t* | y). The
+observed part of the output then matches y to the noise level, not exactly. t* is inserted
+into the grid, so every grid level above it is conditioned and every level below is not.
 """
 from __future__ import annotations
 
@@ -138,6 +148,44 @@ def _levels(grid) -> list[tuple[float, float, float]]:
     return [(float(t), float(a), float(s)) for t, a, s in zip(grid.t, grid.alpha, grid.sigma)]
 
 
+def observation_level(sde, noise: float) -> tuple[float, float, float]:
+    """(t*, alpha_t*, sigma_t*) with sigma_t* / alpha_t* = noise: the diffusion level at which an
+    exact observation has the likelihood of y = A x + noise * n (module docstring). noise = 0
+    gives the data level (0, 1, 0)."""
+    if isinstance(noise, bool) or not isinstance(noise, (int, float)) or not math.isfinite(noise) or noise < 0:
+        raise ValueError(f"noise must be a finite number >= 0 (the observation's standard deviation), got {noise!r}")
+    if noise == 0:
+        return 0.0, 1.0, 0.0
+    top = torch.tensor(sde.T, dtype=torch.float64)
+    ceiling = float(sde.sigma(top) / sde.alpha(top))
+    if noise >= ceiling:
+        raise ValueError(f"noise={noise:g} is at or above the prior's level sigma_T / alpha_T = {ceiling:.4g}: the "
+                         f"observation carries no information the prior does not; accepted: 0 <= noise < {ceiling:.4g}")
+    bottom = torch.tensor(0.0, dtype=torch.float64)
+    floor = float(sde.sigma(bottom) / sde.alpha(bottom))  # VE: sigma_min; VP and sub-VP: 0
+    if noise <= floor:
+        raise ValueError(f"noise={noise:g} is at or below this SDE's level at t = 0 (sigma_0 / alpha_0 = {floor:.4g}); "
+                         f"accepted: noise = 0 (exact observations) or {floor:.4g} < noise < {ceiling:.4g}")
+    t = sde.t_from_log_snr(torch.tensor(-math.log(noise), dtype=torch.float64)).to(torch.float64)  # log(alpha/sigma)
+    return float(t), float(sde.alpha(t)), float(sde.sigma(t))
+
+
+def _split_levels(levels, star):
+    """The grid's levels split at t*: (T, ..., t*) conditioned and (t*, ..., data) not."""
+    above = [level for level in levels if level[0] > star[0]] + [star]
+    below = [star] + [level for level in levels if level[0] < star[0]]
+    return above, below
+
+
+def _unconditional_tail(network: CountedModel, x: Tensor, below, generator) -> Tensor:
+    """The ancestral chain over ``below`` (from t* to the data) with no observation."""
+    for level_t, level_s in zip(below[:-1], below[1:]):
+        mean, variance = _reverse_moments(network, x, level_t, level_s)
+        x = mean + (math.sqrt(variance) * randomness.randn(x.shape, generator=generator, device=x.device,
+                                                           dtype=x.dtype) if variance > 0 else 0.0)
+    return x
+
+
 def noised_observations(y: Tensor, projector: Projector, levels, generator) -> list[Tensor]:
     """P y carried up the forward chain: one draw of (P y_{t_k})_k with the forward process's
     joint law, y at the data end and each level from the one below it,
@@ -152,26 +200,33 @@ def noised_observations(y: Tensor, projector: Projector, levels, generator) -> l
 
 
 def replacement(model, sde, y: Tensor, projector: Projector, *, steps: int = 100, eps: float = 1e-3,
-                generator: torch.Generator | None = None) -> tuple[Tensor, dict[str, Any]]:
-    """Song et al. 2021's imputation by replacement (module docstring); y: [B, ...] (P y is used)."""
-    grid = _grid(sde, steps, eps)
-    levels = _levels(grid)
+                noise: float = 0.0, generator: torch.Generator | None = None) -> tuple[Tensor, dict[str, Any]]:
+    """Song et al. 2021's imputation by replacement (module docstring); y: [B, ...] (P y is used),
+    observed with standard deviation ``noise`` (0: exactly)."""
+    star = observation_level(sde, noise)
+    above, below = _split_levels(_levels(_grid(sde, steps, eps)), star)
+    _, alpha_star, sigma_star = star
     network = CountedModel(model)
     y = y.to(torch.float64)
     free = lambda v: v - projector.project(v)  # noqa: E731 -- (I - P) v
+
+    def observed_at(level) -> Tensor:  # P y_s: alpha_s y plus the noise the observation lacks at s
+        _, alpha_s, sigma_s = level
+        spread = math.sqrt(max(sigma_s ** 2 - (alpha_s / alpha_star) ** 2 * sigma_star ** 2, 0.0))
+        noise_s = randomness.randn(y.shape, generator=generator, device=y.device, dtype=y.dtype)
+        return projector.project(alpha_s * y + spread * noise_s)
+
     with torch.no_grad():
         x = sde.prior_sampling(y.shape, generator=generator, device=y.device, dtype=torch.float64)
-        _, alpha_T, sigma_T = levels[0]
-        x = free(x) + projector.project(alpha_T * y + sigma_T * randomness.randn(
-            y.shape, generator=generator, device=y.device, dtype=y.dtype))
-        for level_t, level_s in zip(levels[:-1], levels[1:]):
+        x = free(x) + observed_at(above[0])
+        for level_t, level_s in zip(above[:-1], above[1:]):
             mean, variance = _reverse_moments(network, x, level_t, level_s)
             x = mean + math.sqrt(variance) * randomness.randn(x.shape, generator=generator, device=x.device,
                                                               dtype=x.dtype)
-            _, alpha_s, sigma_s = level_s
-            noise = randomness.randn(y.shape, generator=generator, device=y.device, dtype=y.dtype)
-            x = free(x) + projector.project(alpha_s * y + sigma_s * noise)
-    return x, {"nfe": network.nfe, "method": "replacement", "steps": steps}
+            x = free(x) + observed_at(level_s)
+        x = _unconditional_tail(network, x, below, generator)
+    return x, {"nfe": network.nfe, "method": "replacement", "steps": steps, "noise": noise,
+               "observation_t": star[0]}
 
 
 def _systematic_resample(log_weights: Tensor, generator) -> Tensor:
@@ -186,23 +241,25 @@ def _systematic_resample(log_weights: Tensor, generator) -> Tensor:
 
 
 def smc(model, sde, y: Tensor, projector: Projector, *, steps: int = 100, particles: int = 16,
-        eps: float = 1e-3, generator: torch.Generator | None = None) -> tuple[Tensor, dict[str, Any]]:
-    """SMCDiff (module docstring) with ``particles`` particles per observation; y: [B, ...].
+        eps: float = 1e-3, noise: float = 0.0,
+        generator: torch.Generator | None = None) -> tuple[Tensor, dict[str, Any]]:
+    """SMCDiff (module docstring) with ``particles`` particles per observation; y: [B, ...],
+    observed with standard deviation ``noise`` (0: exactly).
 
     Returns ([B, ...] one particle per observation drawn by the final weights, info with the
-    NFE per sample (``particles`` per step), the number of resampling events and the final
-    effective sample sizes)."""
+    NFE per sample (``particles`` per conditioned step, one per step below t*), the number of
+    resampling events and the final effective sample sizes)."""
     if isinstance(particles, bool) or not isinstance(particles, int) or particles < 1:
         raise ValueError(f"particles must be a positive integer, got {particles!r}")
-    grid = _grid(sde, steps, eps)
-    levels = _levels(grid)
+    star = observation_level(sde, noise)
+    levels, below = _split_levels(_levels(_grid(sde, steps, eps)), star)
     network = CountedModel(model)
     y = y.to(torch.float64)
     batch, shape = y.shape[0], tuple(y.shape[1:])
     flat = (batch * particles, *shape)
     with torch.no_grad():
         observed = [o.repeat_interleave(particles, dim=0)
-                    for o in noised_observations(y, projector, levels, generator)]
+                    for o in noised_observations(star[1] * y, projector, levels, generator)]
         x = sde.prior_sampling(flat, generator=generator, device=y.device, dtype=torch.float64)
         x = x - projector.project(x) + observed[0]
         log_weights = torch.zeros(batch, particles, dtype=torch.float64, device=y.device)
@@ -230,9 +287,13 @@ def smc(model, sde, y: Tensor, projector: Projector, *, steps: int = 100, partic
         pick = randomness.multinomial(weights, 1, generator=generator)[:, 0] if particles > 1 else \
             torch.zeros(batch, dtype=torch.long, device=y.device)
         out = x.reshape(batch, particles, *shape)[torch.arange(batch, device=y.device), pick]
-    # one observation costs its K particles' evaluations at every network call
-    return out, {"nfe": network.nfe * particles, "method": "smc", "steps": steps, "particles": particles,
-                 "resamplings": resamplings, "final_ess": (1.0 / (weights ** 2).sum(1)).tolist()}
+        conditioned_calls = network.nfe
+        out = _unconditional_tail(network, out, below, generator)
+    # one observation costs its K particles' evaluations at every conditioned network call
+    nfe = conditioned_calls * particles + network.nfe - conditioned_calls
+    return out, {"nfe": nfe, "method": "smc", "steps": steps, "particles": particles, "noise": noise,
+                 "observation_t": star[0], "resamplings": resamplings,
+                 "final_ess": (1.0 / (weights ** 2).sum(1)).tolist()}
 
 
 def solve(method: str, model, sde, y: Tensor, projector: Projector, **options) -> tuple[Tensor, dict[str, Any]]:

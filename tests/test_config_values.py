@@ -80,6 +80,7 @@ BAD: dict[str, tuple] = {
     "inverse.particles": (0, True),
     "inverse.eps": (0.0, 1.0, NAN),
     "inverse.num_images": (0, True),
+    "inverse.noise": (-0.1, NAN, INF),
 }
 
 #: key -> values its rule must take, other than the tiny config's own (the ends of ranges,
@@ -144,6 +145,7 @@ GOOD: dict[str, tuple] = {
     "inverse.particles": (1,),
     "inverse.eps": (1e-5,),
     "inverse.num_images": (1,),
+    "inverse.noise": (0.0, 0.1),
 }
 
 

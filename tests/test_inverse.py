@@ -9,12 +9,15 @@ import sde as toolkit
 from sde import inverse
 from sde.data.toy import GaussianMixture
 from sde.models.exact import ExactMixtureEps
-from sde.sdes import VPSDE
+from sde.sdes import VESDE, VPSDE, SubVPSDE
 
 
-def conditional(mean: torch.Tensor, covariance: torch.Tensor, basis: torch.Tensor, observed: torch.Tensor):
-    """The law of x ~ N(mean, covariance) given basis @ x = observed (basis: orthonormal rows)."""
-    gain = covariance @ basis.T @ torch.linalg.inv(basis @ covariance @ basis.T)
+def conditional(mean: torch.Tensor, covariance: torch.Tensor, basis: torch.Tensor, observed: torch.Tensor,
+                noise: float = 0.0):
+    """The law of x ~ N(mean, covariance) given basis @ x + noise * n = observed (basis:
+    orthonormal rows, n ~ N(0, I)): the Kalman update."""
+    gain = covariance @ basis.T @ torch.linalg.inv(basis @ covariance @ basis.T
+                                                   + noise ** 2 * torch.eye(len(basis), dtype=covariance.dtype))
     return mean + gain @ (observed - basis @ mean), covariance - gain @ basis @ covariance
 
 
@@ -99,6 +102,48 @@ def test_smc_colorizes_a_coloured_gaussian_image_law():
     assert errors[32][0] < 3 * standard_error < errors[1][0]  # one particle is biased; 32 are not
 
 
+@pytest.mark.parametrize("sde", [VPSDE(), SubVPSDE(), VESDE()], ids=["vp", "subvp", "ve"])
+def test_observation_level_has_the_noise_to_signal_ratio_of_the_noise(sde):
+    for noise in (0.02, 0.3, 5.0):
+        t, alpha, sigma = inverse.observation_level(sde, noise)
+        assert 0 < t < sde.T and sigma / alpha == pytest.approx(noise, rel=1e-9)
+        assert alpha == pytest.approx(float(sde.alpha(torch.tensor(t, dtype=torch.float64))), rel=1e-12)
+    assert inverse.observation_level(sde, 0.0) == (0.0, 1.0, 0.0)
+    for bad in (-0.1, float("nan"), 1e4):
+        with pytest.raises(ValueError, match="noise"):
+            inverse.observation_level(sde, bad)
+
+
+@pytest.mark.slow
+def test_smc_with_a_noisy_observation_converges_to_the_kalman_posterior(gaussian_2d):
+    """y = x_0 + 0.15 n: the posterior is the Kalman update; the observed coordinate is
+    denoised (spread around y, not pinned to it) and one particle is biased where 16 are not."""
+    model, sde, mean, covariance = gaussian_2d
+    noise, count, steps = 0.15, 2000, 60
+    observed = torch.tensor([1.0, 0.0], dtype=torch.float64)
+    projector = inverse.Mask(torch.tensor([1.0, 0.0], dtype=torch.float64))
+    post_mean, post_cov = conditional(mean, covariance, torch.tensor([[1.0, 0.0]], dtype=torch.float64),
+                                      observed[:1], noise)
+    y = observed.expand(count, 2).clone()
+    standard_error = float(post_cov.diagonal().sum().sqrt()) / count ** 0.5
+    above = sum(t > inverse.observation_level(sde, noise)[0] for t in inverse._grid(sde, steps, 1e-3).t.tolist())
+    errors = {}
+    for particles in (1, 16):
+        x, info = inverse.smc(model, sde, y, projector, steps=steps, particles=particles, noise=noise,
+                              generator=torch.Generator().manual_seed(2))
+        # conditioned steps cost K evaluations each; t* adds a step, and those below it cost one
+        assert info["nfe"] == above * particles + steps + 1 - above
+        errors[particles] = float((x.mean(0) - post_mean).norm())
+        assert 0.4 < float(x[:, 0].std() / post_cov[0, 0].sqrt()) < 1.2  # spread, not pinned to y
+    assert errors[16] < 3 * standard_error < errors[1]
+    # a weak observation (t* far from the data, alpha_t* = 0.71): the observation's scaling matters
+    post_mean, post_cov = conditional(mean, covariance, torch.tensor([[1.0, 0.0]], dtype=torch.float64),
+                                      observed[:1], 1.0)
+    x, _ = inverse.smc(model, sde, y, projector, steps=steps, particles=16, noise=1.0,
+                       generator=torch.Generator().manual_seed(3))
+    assert float((x.mean(0) - post_mean).norm()) < 3 * float(post_cov.diagonal().sum().sqrt()) / count ** 0.5
+
+
 def test_bad_options_raise_one_clear_error(gaussian_2d):
     model, sde, _, _ = gaussian_2d
     y, projector = torch.zeros(2, 2), inverse.Mask(torch.ones(2))
@@ -132,11 +177,13 @@ def test_inverse_mode_inpaints_release_digits_with_the_observed_pixels_kept(tmp_
     for extra, name in ((["--config.inverse.mask=half"], "inpaint_half_replacement_10steps"),
                         (["--config.inverse.method=smc", "--config.inverse.particles=2"],
                          "inpaint_box_smc_10steps_2particles"),
-                        (["--config.inverse.task=superres"], "superres_replacement_10steps")):
+                        (["--config.inverse.task=superres"], "superres_replacement_10steps"),
+                        (["--config.inverse.noise=0.2"], "inpaint_box_replacement_10steps_noise0.2")):
         result = run_main(*common, *extra)
         assert result.returncode == 0, result.stderr
         record = json.loads((tmp_path / "inverse" / f"{name}.json").read_text())
-        assert record["observed_max_deviation"] < 1e-6 and len(record["classifier"]["predicted"]) == 4
+        exact = record["noise"] == 0  # a noisy observation is denoised, not copied
+        assert (record["observed_max_deviation"] < 1e-6) == exact and len(record["classifier"]["predicted"]) == 4
         assert 0.0 <= record["classifier"]["accuracy"] <= 1.0 and (tmp_path / "inverse" / f"{name}.png").is_file()
 
 
@@ -145,6 +192,8 @@ def test_inverse_mode_inpaints_release_digits_with_the_observed_pixels_kept(tmp_
     ("--config.inverse.method=dps", "error: unknown inverse.method 'dps'; accepted: replacement, smc"),
     ("--config.inverse.factor=3", "error: inverse.factor=3 must divide data.image_size=28"),
     ("--config.inverse.keep=1.5", "error: inverse.keep must"),
+    ("--config.inverse.noise=-1", "error: inverse.noise must be a finite number >= 0"),
+    ("--config.inverse.noise=500", "error: inverse.noise=500 is at or above the prior's level"),
 ])
 def test_bad_inverse_config_gets_one_line_and_exit_2(tmp_path, override, message):
     result = run_main("--config", "configs/mnist_vp_release.py", "--mode", "inverse", "--workdir",
@@ -152,3 +201,27 @@ def test_bad_inverse_config_gets_one_line_and_exit_2(tmp_path, override, message
                       "--config.inverse.num_images=2", override)
     assert result.returncode == 2 and result.stderr.strip().startswith(message), result.stderr
     assert len(result.stderr.strip().splitlines()) == 1 and not (tmp_path / "run").exists()
+
+
+def test_colorize_mode_runs_on_cifar10_files(tmp_path, monkeypatch):
+    """Colorization end to end on CIFAR-10's file format (batches written here; no download):
+    the grey image is observed and kept exactly. An untrained small network stands in for a
+    CIFAR-10 model, which this toolkit does not ship."""
+    from configs import cifar10_vp
+    from sde.data import cifar10
+    from sde.models import create_model
+    from sde.modes import inverse as inverse_mode
+    from test_data import write_cifar
+
+    write_cifar(tmp_path / "data", images_per_batch=2)
+    monkeypatch.setattr(cifar10, "CIFAR10_MD5", {})  # the written batches are not the published files
+    config = cifar10_vp.get_config()
+    config.data.data_dir, config.data.download, config.eval.heldout_split = str(tmp_path / "data"), False, "test"
+    config.model.nf, config.model.num_res_blocks, config.model.ch_mult = 8, 1, (1, 2)
+    config.inverse.task, config.inverse.num_images, config.inverse.steps = "colorize", 2, 3
+    model = create_model(config).eval()
+    monkeypatch.setattr(inverse_mode, "load_ema_model", lambda *args, **kwargs: (model, "untrained", 0))
+    record = inverse_mode.run(config, tmp_path / "run")
+    assert record["task"] == "colorize" and record["num_images"] == 2 and record["nfe_per_image"] == 3
+    assert record["observed_max_deviation"] < 1e-6 and "classifier" not in record
+    assert (tmp_path / "run" / "inverse" / record["files"]["grid"]).is_file()

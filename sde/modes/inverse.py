@@ -5,8 +5,10 @@ unconditional network (``sde.inverse``).
 observed through the projector of ``inverse.task`` (``inpaint`` with ``inverse.mask`` = box,
 half or random; ``colorize``, colour data only; ``superres`` by ``inverse.factor``) and
 completed by ``inverse.method`` (``replacement`` or ``smc`` with ``inverse.particles``) over
-``inverse.steps`` steps. Writes ``workdir/inverse/<name>.png`` (rows: the observation, the
-completions, the originals) and ``<name>.json``: NFE per image, wall time, the largest
+``inverse.steps`` steps. With ``inverse.noise`` > 0 the observation is noisy, y = A x +
+noise * n (n drawn from ``config.seed``, the same for every method), and the methods condition
+down to the level of that noise only (``sde.inverse``). Writes ``workdir/inverse/<name>.png``
+(rows: the observation, the completions, the originals) and ``<name>.json``: NFE per image, wall time, the largest
 deviation of the observed part from the observation, and on data with a classifier (MNIST)
 the fraction of completions it assigns the original's class and its mean confidence.
 """
@@ -18,7 +20,7 @@ from typing import Any
 
 import torch
 
-from sde import configuration, data, environment, images, inverse
+from sde import configuration, data, environment, images, inverse, randomness
 from sde.checks import require
 from sde.distributed import resolve_device
 from sde.inference import load_ema_model
@@ -47,6 +49,10 @@ def check(config) -> None:
     require(cfg.task != "superres" or config.data.image_size % cfg.factor == 0,
             f"inverse.factor={cfg.factor} must divide data.image_size={config.data.image_size}")
     require(cfg.eps < create_sde(config).T, f"inverse.eps must be below T, got {cfg.eps}")
+    try:
+        inverse.observation_level(create_sde(config), cfg.noise)
+    except ValueError as error:
+        raise ValueError(f"inverse.{error}") from None
     configuration.check_heldout_run(config)
 
 
@@ -74,7 +80,8 @@ def projector_for(config, generator: torch.Generator) -> inverse.Projector:
 def run_name(config) -> str:
     cfg = config.inverse
     task = f"inpaint_{cfg.mask}" if cfg.task == "inpaint" else cfg.task
-    return f"{task}_{cfg.method}_{cfg.steps}steps" + (f"_{cfg.particles}particles" if cfg.method == "smc" else "")
+    return (f"{task}_{cfg.method}_{cfg.steps}steps" + (f"_{cfg.particles}particles" if cfg.method == "smc" else "")
+            + (f"_noise{cfg.noise:g}" if cfg.noise > 0 else ""))
 
 
 def complete(config, workdir: str | Path) -> dict[str, Any]:
@@ -92,21 +99,26 @@ def complete(config, workdir: str | Path) -> dict[str, Any]:
     name = run_name(config)
     run = Workdir(workdir)  # the inputs are good: a refused run leaves no folder
     originals = data.uint8_to_float(chosen, dequantize=False).to(device=device, dtype=torch.float64)
-    options = {"steps": cfg.steps, "eps": cfg.eps, "generator": generator,
+    options = {"steps": cfg.steps, "eps": cfg.eps, "noise": cfg.noise, "generator": generator,
                **({"particles": cfg.particles} if cfg.method == "smc" else {})}
+    # y = P (x + noise * n): the same observation noise for every method and sampling seed
+    noise_draw = randomness.randn(originals.shape, generator=torch.Generator().manual_seed(config.seed),
+                                  device=device, dtype=torch.float64)
+    observations = projector.observe(originals + cfg.noise * noise_draw)
     started = time.perf_counter()
     completed, nfe = [], 0
     for first in range(0, len(originals), config.eval.batch_size):
-        observation = projector.observe(originals[first:first + config.eval.batch_size])
+        observation = observations[first:first + config.eval.batch_size]
         x, info = inverse.solve(cfg.method, model, sde, observation, projector, **options)
         completed.append(x)
         nfe = info["nfe"]
     completed = torch.cat(completed)
     wall_time = time.perf_counter() - started
-    deviation = float((projector.project(completed) - projector.observe(originals)).abs().max())
+    deviation = float((projector.project(completed) - observations).abs().max())
     completed_uint8 = data.float_to_uint8(completed.float().cpu().clamp(-1, 1), dequantized=False)
     record: dict[str, Any] = {
-        "task": cfg.task, "method": cfg.method, "steps": cfg.steps, "eps": cfg.eps, "num_images": len(chosen),
+        "task": cfg.task, "method": cfg.method, "steps": cfg.steps, "eps": cfg.eps, "noise": cfg.noise,
+        "num_images": len(chosen),
         "split": config.eval.heldout_split, "nfe_per_image": nfe, "wall_time_s": wall_time,
         "observed_max_deviation": deviation, "checkpoint": source, "checkpoint_step": step, "sde": repr(sde),
         "environment": running_on, **({"mask": cfg.mask} if cfg.task == "inpaint" else {}),
@@ -124,7 +136,7 @@ def complete(config, workdir: str | Path) -> dict[str, Any]:
             "accuracy": float((predicted == chosen_labels).double().mean()),
             "mean_confidence": float(probabilities.max(1).values.mean()),
             "labels": chosen_labels.tolist(), "predicted": predicted.tolist()}
-    shown = projector.observe(originals).float().cpu()  # P x: unobserved pixels are 0, mid-grey
+    shown = observations.float().cpu()  # P y: unobserved pixels are 0, mid-grey
     strip = torch.cat([shown.clamp(-1, 1), completed.float().cpu().clamp(-1, 1), originals.float().cpu()])
     grid = images.image_grid(data.float_to_uint8(strip, dequantized=False).numpy(), nrow=len(chosen))
     images.save_png(grid, run.inverse / f"{name}.png")
