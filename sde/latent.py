@@ -35,7 +35,6 @@ import math
 from typing import Any
 
 import torch
-from torchdiffeq import odeint
 
 from sde.network import CountedModel
 
@@ -106,6 +105,8 @@ def _solve(model, sde, x: Tensor, *, forward: bool, method: str, steps: int, eps
 
             span = torch.tensor([eps, sde.T] if forward else [sde.T, eps], dtype=torch.float64, device=x.device)
             # land on the end point rather than step past it (beyond T or below 0 the SDE may not exist)
+            from torchdiffeq import odeint  # here, not at import: it loads scipy (start-up time)
+
             x = odeint(velocity, x, span, rtol=rtol, atol=atol, method="dopri5",
                        options={"step_t": span[1:]})[-1]
         else:

@@ -589,11 +589,12 @@ def test_real_inception_features_shape_determinism_and_batching():
 
 @pytest.mark.slow
 def test_fid_between_real_mnist_halves_is_far_below_fid_against_noise():
-    """100 vs 100 disjoint real digits against 100 uniform-noise images (few: ~13 images/s)."""
+    """50 vs 50 disjoint real digits against 50 uniform-noise images (few: Inception on a CPU
+    is slow; the small-sample bias of FID at 50 images is far below the gap to noise)."""
     digits = load_mnist_split(TRAIN_SPLIT)[0]
-    noise = np.random.default_rng(0).integers(0, 256, size=(100, 1, 28, 28), dtype=np.uint8)
+    noise = np.random.default_rng(0).integers(0, 256, size=(50, 1, 28, 28), dtype=np.uint8)
     extractor = InceptionFeatures()
-    first, second, noisy = (image_feature_set([batch], extractor) for batch in (digits[:100], digits[100:200], noise))
+    first, second, noisy = (image_feature_set([batch], extractor) for batch in (digits[:50], digits[50:100], noise))
     real_vs_real, real_vs_noise = compare_feature_sets(first, second), compare_feature_sets(first, noisy)
     assert real_vs_real["fid"] < 0.25 * real_vs_noise["fid"]
     assert real_vs_real["kid"] < 0.1 * real_vs_noise["kid"]

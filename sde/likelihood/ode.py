@@ -35,7 +35,6 @@ from __future__ import annotations
 import math
 
 import torch
-import torchdiffeq
 
 from sde.data import uint8_to_float
 from sde import randomness
@@ -148,6 +147,8 @@ def ode_log_likelihood(model: Model, sde: SDE, x: Tensor, *, divergence: str = "
     # step_t: land on the end point instead of stepping past it and interpolating back
     # (beyond T the schedule may not exist, e.g. the cosine VP's beta diverges)
     options = {"step_t": span[1:], **(options or {})}
+    import torchdiffeq  # here, not at import: it loads scipy (start-up time)
+
     with torch.no_grad():
         states, deltas = torchdiffeq.odeint(flow, (x, delta0), span, rtol=rtol, atol=atol,
                                             method=method, options=options)

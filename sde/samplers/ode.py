@@ -15,7 +15,6 @@ variant).
 from __future__ import annotations
 
 import torch
-from torchdiffeq import odeint
 from tqdm.auto import tqdm
 
 from sde.samplers.common import Callback, Denoiser, NoiseGrid, NoiseSource, report
@@ -55,6 +54,8 @@ def ode(model: Denoiser, x: Tensor, grid: NoiseGrid, *, sde, noise: NoiseSource,
             # the adaptive solver must land on eps, not overshoot below it (sigma(t < 0) is undefined)
             tolerances = ({"rtol": rtol, "atol": atol, "options": {"step_t": times[-1:]}}
                           if stages is None else {})
+            from torchdiffeq import odeint  # here, not at import: it loads scipy (start-up time)
+
             path = odeint(velocity, x, times, method=method, **tolerances)
             for i in range(1, levels):
                 report(callback, i - 1, float(times[i]), path[i], None)
