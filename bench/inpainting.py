@@ -39,6 +39,17 @@ def classify(classifier, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return probabilities.argmax(1), probabilities.max(1).values
 
 
+def method_runs(replacement_steps: list[int], smc: list[str]) -> list[tuple[str, dict]]:
+    """(method, options) of replacement at each step count and SMC at each ``particles:steps``."""
+    runs = [("replacement", {"steps": steps}) for steps in replacement_steps]
+    return runs + [("smc", {"particles": int(pk.split(":")[0]), "steps": int(pk.split(":")[1])}) for pk in smc]
+
+
+def setting(row: dict) -> str:
+    """A row's method setting in words: its steps, and particles for SMC."""
+    return f"{row['steps']} steps" + (f", {row['particles']} particles" if row["method"] == "smc" else "")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default="configs/mnist_vp_release.py")
@@ -64,8 +75,7 @@ def main() -> None:
     shape = tuple(x.shape[1:])
     masks = {"box": inverse.box_mask(shape, 7, 7, 14, 14), "half": inverse.half_mask(shape),
              "random": inverse.random_mask(shape, args.keep, torch.Generator().manual_seed(args.seed))}
-    runs = [("replacement", {"steps": steps}) for steps in args.replacement_steps]
-    runs += [("smc", {"particles": int(pk.split(":")[0]), "steps": int(pk.split(":")[1])}) for pk in args.smc]
+    runs = method_runs(args.replacement_steps, args.smc)
     rows = []
     for mask_name in args.masks:
         projector = inverse.Mask(masks[mask_name])
@@ -90,9 +100,6 @@ def render(result: dict) -> str:
              f"centre 14 x 14 hidden), half (the right half hidden), random ({result['keep']:.0%} of the pixels "
              f"observed). Class kept: the fraction of completions the MNIST classifier assigns the original's class "
              f"(on the originals themselves: {result['classifier_on_originals']:.2f}).", ""]
-
-    def setting(row: dict) -> str:
-        return f"{row['steps']} steps" + (f", {row['particles']} particles" if row["method"] == "smc" else "")
 
     lines.append(table(["mask", "method", "setting", "NFE per image", "class kept", "confidence", "s"],
                        [[row["mask"], row["method"], setting(row), row["nfe"], f"{row['accuracy']:.2f}",
