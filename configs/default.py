@@ -133,7 +133,7 @@ def get_default_config() -> ml_collections.ConfigDict:
 
     # --mode inverse: linear inverse problems with the unconditional network (sde/inverse.py).
     config.inverse = inverse = ml_collections.ConfigDict()
-    inverse.task = "inpaint"        # inpaint | colorize (colour data) | superres
+    inverse.task = "inpaint"        # inpaint | colorize (colour data) | superres | denoise (noise > 0)
     inverse.mask = "box"            # inpaint: box (the centre quarter) | half (the right half) | random
     inverse.keep = 0.25             # random mask: fraction of pixels observed
     inverse.factor = 2              # superres: block size

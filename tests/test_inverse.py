@@ -178,13 +178,17 @@ def test_inverse_mode_inpaints_release_digits_with_the_observed_pixels_kept(tmp_
                         (["--config.inverse.method=smc", "--config.inverse.particles=2"],
                          "inpaint_box_smc_10steps_2particles"),
                         (["--config.inverse.task=superres"], "superres_replacement_10steps"),
-                        (["--config.inverse.noise=0.2"], "inpaint_box_replacement_10steps_noise0.2")):
+                        (["--config.inverse.noise=0.2"], "inpaint_box_replacement_10steps_noise0.2"),
+                        (["--config.inverse.task=denoise", "--config.inverse.noise=0.3"],
+                         "denoise_replacement_10steps_noise0.3")):
         result = run_main(*common, *extra)
         assert result.returncode == 0, result.stderr
         record = json.loads((tmp_path / "inverse" / f"{name}.json").read_text())
         exact = record["noise"] == 0  # a noisy observation is denoised, not copied
         assert (record["observed_max_deviation"] < 1e-6) == exact and len(record["classifier"]["predicted"]) == 4
         assert 0.0 <= record["classifier"]["accuracy"] <= 1.0 and (tmp_path / "inverse" / f"{name}.png").is_file()
+        if record["task"] == "denoise":  # the completions are nearer the originals than the observation
+            assert record["rmse_to_originals"] < 0.6 * record["noise"], record["rmse_to_originals"]
 
 
 @pytest.mark.parametrize("override, message", [
@@ -194,6 +198,7 @@ def test_inverse_mode_inpaints_release_digits_with_the_observed_pixels_kept(tmp_
     ("--config.inverse.keep=1.5", "error: inverse.keep must"),
     ("--config.inverse.noise=-1", "error: inverse.noise must be a finite number >= 0"),
     ("--config.inverse.noise=500", "error: inverse.noise=500 is at or above the prior's level"),
+    ("--config.inverse.task=denoise", "error: inverse.task='denoise' observes every pixel through noise"),
 ])
 def test_bad_inverse_config_gets_one_line_and_exit_2(tmp_path, override, message):
     result = run_main("--config", "configs/mnist_vp_release.py", "--mode", "inverse", "--workdir",

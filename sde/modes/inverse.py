@@ -1,15 +1,16 @@
-"""``--mode inverse``: inpainting, colorization and super-resolution of held-out images with the
-unconditional network (``sde.inverse``).
+"""``--mode inverse``: inpainting, colorization, super-resolution and denoising of held-out
+images with the unconditional network (``sde.inverse``).
 
 ``inverse.num_images`` images of ``eval.heldout_split`` (the fixed evaluation subset) are
 observed through the projector of ``inverse.task`` (``inpaint`` with ``inverse.mask`` = box,
-half or random; ``colorize``, colour data only; ``superres`` by ``inverse.factor``) and
-completed by ``inverse.method`` (``replacement`` or ``smc`` with ``inverse.particles``) over
-``inverse.steps`` steps. With ``inverse.noise`` > 0 the observation is noisy, y = A x +
-noise * n (n drawn from ``config.seed``, the same for every method), and the methods condition
-down to the level of that noise only (``sde.inverse``). Writes ``workdir/inverse/<name>.png``
-(rows: the observation, the completions, the originals) and ``<name>.json``: NFE per image, wall time, the largest
-deviation of the observed part from the observation, and on data with a classifier (MNIST)
+half or random; ``colorize``, colour data only; ``superres`` by ``inverse.factor``;
+``denoise``: every pixel, through noise) and completed by ``inverse.method`` (``replacement``
+or ``smc`` with ``inverse.particles``) over ``inverse.steps`` steps. With ``inverse.noise`` > 0
+the observation is noisy, y = A x + noise * n (n drawn from ``config.seed``, the same for
+every method), and the methods condition down to the level of that noise only
+(``sde.inverse``). Writes ``workdir/inverse/<name>.png`` (rows: the observation, the
+completions, the originals) and ``<name>.json``: NFE per image, wall time, the largest
+deviation of the observed part from the observation, the RMSE to the originals, and on data with a classifier (MNIST)
 the fraction of completions it assigns the original's class and its mean confidence.
 """
 from __future__ import annotations
@@ -28,7 +29,7 @@ from sde.quality import classifier_metrics_for
 from sde.sdes import create_sde
 from sde.workdir import Workdir
 
-TASKS = ("inpaint", "colorize", "superres")
+TASKS = ("inpaint", "colorize", "superres", "denoise")
 MASKS = ("box", "half", "random")
 
 
@@ -46,6 +47,9 @@ def check(config) -> None:
     require(cfg.task != "colorize" or config.data.num_channels == 3,
             f"inverse.task='colorize' needs colour images (data.num_channels=3); "
             f"{config.data.dataset} has {config.data.num_channels} channel(s)")
+    require(cfg.task != "denoise" or cfg.noise > 0,
+            "inverse.task='denoise' observes every pixel through noise: set inverse.noise > 0 (its standard "
+            "deviation on the [-1, 1] scale)")
     require(cfg.task != "superres" or config.data.image_size % cfg.factor == 0,
             f"inverse.factor={cfg.factor} must divide data.image_size={config.data.image_size}")
     require(cfg.eps < create_sde(config).T, f"inverse.eps must be below T, got {cfg.eps}")
@@ -69,6 +73,8 @@ def projector_for(config, generator: torch.Generator) -> inverse.Projector:
         return inverse.ChannelMean()
     if cfg.task == "superres":
         return inverse.BlockMean(cfg.factor)
+    if cfg.task == "denoise":  # every pixel observed; the noise is what is removed
+        return inverse.Mask(torch.ones(shape, dtype=torch.bool))
     size = shape[-1]
     if cfg.mask == "box":
         return inverse.Mask(inverse.box_mask(shape, size // 4, size // 4, size // 2, size // 2))
@@ -115,12 +121,13 @@ def complete(config, workdir: str | Path) -> dict[str, Any]:
     completed = torch.cat(completed)
     wall_time = time.perf_counter() - started
     deviation = float((projector.project(completed) - observations).abs().max())
+    rmse = float((completed - originals).pow(2).mean().sqrt())  # per value, on the [-1, 1] scale
     completed_uint8 = data.float_to_uint8(completed.float().cpu().clamp(-1, 1), dequantized=False)
     record: dict[str, Any] = {
         "task": cfg.task, "method": cfg.method, "steps": cfg.steps, "eps": cfg.eps, "noise": cfg.noise,
-        "num_images": len(chosen),
-        "split": config.eval.heldout_split, "nfe_per_image": nfe, "wall_time_s": wall_time,
-        "observed_max_deviation": deviation, "checkpoint": source, "checkpoint_step": step, "sde": repr(sde),
+        "num_images": len(chosen), "split": config.eval.heldout_split, "nfe_per_image": nfe, "wall_time_s": wall_time,
+        "observed_max_deviation": deviation, "rmse_to_originals": rmse, "checkpoint": source,
+        "checkpoint_step": step, "sde": repr(sde),
         "environment": running_on, **({"mask": cfg.mask} if cfg.task == "inpaint" else {}),
         **({"keep": cfg.keep} if cfg.task == "inpaint" and cfg.mask == "random" else {}),
         **({"particles": cfg.particles} if cfg.method == "smc" else {}),
