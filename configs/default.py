@@ -139,8 +139,8 @@ def get_default_config() -> ml_collections.ConfigDict:
     inverse.factor = 2              # superres: block size
     inverse.method = "replacement"  # replacement (Song et al. 2021) | smc (SMCDiff, asymptotically exact)
     inverse.steps = 100
-    inverse.particles = 8           # smc: particles per image (NFE per image = particles x steps)
+    inverse.particles = 8           # smc: particles per image (NFE per image: particles x steps, if noise = 0)
     inverse.eps = 1e-3
-    inverse.noise = 0.0             # std of the observation's noise on the [-1, 1] scale (0: exact)
+    inverse.noise = 0.0             # std of the observation's noise (0: exact); per pixel for masks, see sde/inverse.py
     inverse.num_images = 16         # held-out images (eval.heldout_split)
     return config

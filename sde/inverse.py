@@ -34,7 +34,11 @@ of x. So both methods solve the exact problem down to t* with the observation al
 from t* to the data the unobserved *and* observed parts follow the unconditional reverse
 chain, which denoises the observed part: p(x | y) = integral of p(x | x_t*) p(x_t* | y). The
 observed part of the output then matches y to the noise level, not exactly. t* is inserted
-into the grid, so every grid level above it is conditioned and every level below is not.
+into the grid, so every grid level above it is conditioned and every level below is not; a t*
+below the grid's end eps (noise under sigma_eps / alpha_eps) counts as exact. ``noise`` is in
+A's orthonormal coordinates: per pixel for a mask, noise / sqrt(C) per grey value for
+``ChannelMean``, noise / factor per block mean for ``BlockMean``. Denoising (P = I) needs no
+conditioning at all: x_t* = alpha* y, then ``steps`` unconditional steps from t* to eps.
 """
 from __future__ import annotations
 
@@ -46,6 +50,7 @@ import torch
 
 from sde import randomness
 from sde.network import CountedModel
+from sde.samplers.common import NoiseGrid
 from sde.samplers.schedules import build_grid
 
 Tensor = torch.Tensor
@@ -57,6 +62,9 @@ RESAMPLE_FRACTION = 0.5
 
 class Projector:
     """An orthogonal projector P onto the observed subspace, applied to x-shaped tensors."""
+
+    #: P = I: every value is observed (denoising); nothing is left for a method to infer.
+    observes_everything = False
 
     def project(self, x: Tensor) -> Tensor:
         raise NotImplementedError
@@ -72,6 +80,9 @@ class Mask(Projector):
     [D]) marks the observed values; P x = mask * x."""
 
     mask: Tensor
+
+    def __post_init__(self):
+        self.observes_everything = bool(torch.as_tensor(self.mask).bool().all())
 
     def project(self, x: Tensor) -> Tensor:
         return x * self.mask.to(device=x.device, dtype=x.dtype)
@@ -170,6 +181,13 @@ def observation_level(sde, noise: float) -> tuple[float, float, float]:
     return float(t), float(sde.alpha(t)), float(sde.sigma(t))
 
 
+def _star(sde, noise: float, eps: float) -> tuple[float, float, float]:
+    """The observation's level on a grid that ends at eps: below eps (noise under
+    sigma_eps / alpha_eps) the network is not evaluated, and the observation counts as exact."""
+    star = observation_level(sde, noise)
+    return star if star[0] >= eps else (0.0, 1.0, 0.0)
+
+
 def _split_levels(levels, star):
     """The grid's levels split at t*: (T, ..., t*) conditioned and (t*, ..., data) not."""
     above = [level for level in levels if level[0] > star[0]] + [star]
@@ -199,12 +217,30 @@ def noised_observations(y: Tensor, projector: Projector, levels, generator) -> l
     return observed[::-1]  # level order: T first, the data last
 
 
+def _denoise(model, sde, y: Tensor, star, steps: int, eps: float, generator) -> tuple[Tensor, int]:
+    """P = I: x_t* = alpha* y is an exact draw of x_t* given y (module docstring), so the
+    ancestral chain runs from there, on its own grid of ``steps`` levels from t* to eps."""
+    network = CountedModel(model)
+    t_star, alpha_star, sigma_star = star
+    if t_star == 0.0:  # an exact observation of everything
+        return y.clone(), 0
+    t = torch.linspace(t_star, eps, steps, dtype=torch.float64)
+    grid = NoiseGrid(t, sde.alpha(t).to(torch.float64), sde.sigma(t).to(torch.float64)).with_data()
+    with torch.no_grad():
+        x = _unconditional_tail(network, alpha_star * y, _levels(grid), generator)
+    return x, network.nfe
+
+
 def replacement(model, sde, y: Tensor, projector: Projector, *, steps: int = 100, eps: float = 1e-3,
                 noise: float = 0.0, generator: torch.Generator | None = None) -> tuple[Tensor, dict[str, Any]]:
     """Song et al. 2021's imputation by replacement (module docstring); y: [B, ...] (P y is used),
     observed with standard deviation ``noise`` (0: exactly)."""
-    star = observation_level(sde, noise)
-    above, below = _split_levels(_levels(_grid(sde, steps, eps)), star)
+    grid, star = _grid(sde, steps, eps), _star(sde, noise, eps)
+    info = {"method": "replacement", "steps": steps, "noise": noise, "observation_t": star[0]}
+    if projector.observes_everything:
+        x, nfe = _denoise(model, sde, y.to(torch.float64), star, steps, eps, generator)
+        return x, {"nfe": nfe, **info}
+    above, below = _split_levels(_levels(grid), star)
     _, alpha_star, sigma_star = star
     network = CountedModel(model)
     y = y.to(torch.float64)
@@ -225,8 +261,7 @@ def replacement(model, sde, y: Tensor, projector: Projector, *, steps: int = 100
                                                               dtype=x.dtype)
             x = free(x) + observed_at(level_s)
         x = _unconditional_tail(network, x, below, generator)
-    return x, {"nfe": network.nfe, "method": "replacement", "steps": steps, "noise": noise,
-               "observation_t": star[0]}
+    return x, {"nfe": network.nfe, **info}
 
 
 def _systematic_resample(log_weights: Tensor, generator) -> Tensor:
@@ -251,8 +286,12 @@ def smc(model, sde, y: Tensor, projector: Projector, *, steps: int = 100, partic
     resampling events and the final effective sample sizes)."""
     if isinstance(particles, bool) or not isinstance(particles, int) or particles < 1:
         raise ValueError(f"particles must be a positive integer, got {particles!r}")
-    star = observation_level(sde, noise)
-    levels, below = _split_levels(_levels(_grid(sde, steps, eps)), star)
+    grid, star = _grid(sde, steps, eps), _star(sde, noise, eps)
+    if projector.observes_everything:  # nothing to infer: one exact chain, no particles
+        x, nfe = _denoise(model, sde, y.to(torch.float64), star, steps, eps, generator)
+        return x, {"nfe": nfe, "method": "smc", "steps": steps, "particles": particles, "noise": noise,
+                   "observation_t": star[0], "resamplings": 0, "final_ess": [float(particles)] * len(y)}
+    levels, below = _split_levels(_levels(grid), star)
     network = CountedModel(model)
     y = y.to(torch.float64)
     batch, shape = y.shape[0], tuple(y.shape[1:])

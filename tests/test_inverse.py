@@ -142,6 +142,17 @@ def test_smc_with_a_noisy_observation_converges_to_the_kalman_posterior(gaussian
     x, _ = inverse.smc(model, sde, y, projector, steps=steps, particles=16, noise=1.0,
                        generator=torch.Generator().manual_seed(3))
     assert float((x.mean(0) - post_mean).norm()) < 3 * float(post_cov.diagonal().sum().sqrt()) / count ** 0.5
+    # denoising (P = I) starts at x_t* = alpha* y: the Kalman posterior with B = I, at steps NFE
+    everything = inverse.Mask(torch.ones(2, dtype=torch.float64))
+    post_mean, post_cov = conditional(mean, covariance, torch.eye(2, dtype=torch.float64), observed, noise)
+    for method in ("replacement", "smc"):
+        x, info = inverse.solve(method, model, sde, y, everything, steps=steps, noise=noise,
+                                generator=torch.Generator().manual_seed(4))
+        assert info["nfe"] == steps
+        assert float((x.mean(0) - post_mean).norm()) < 3 * float(post_cov.diagonal().sum().sqrt()) / count ** 0.5
+    # a noise below the grid's last level counts as exact: the observed value is kept
+    x, _ = inverse.replacement(model, sde, y, projector, steps=steps, noise=1e-4)
+    assert torch.equal(x[:, 0], y[:, 0])
 
 
 def test_bad_options_raise_one_clear_error(gaussian_2d):

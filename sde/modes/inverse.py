@@ -30,6 +30,9 @@ from sde.sdes import create_sde
 from sde.workdir import Workdir
 
 TASKS = ("inpaint", "colorize", "superres", "denoise")
+#: The observation noise is drawn from seed ``config.seed`` + this (an arbitrary constant), a
+#: stream that neither the random mask (``config.seed``) nor the sampler (``sampling.seed``) uses.
+OBSERVATION_SEED_OFFSET = 7919
 MASKS = ("box", "half", "random")
 
 
@@ -107,9 +110,10 @@ def complete(config, workdir: str | Path) -> dict[str, Any]:
     originals = data.uint8_to_float(chosen, dequantize=False).to(device=device, dtype=torch.float64)
     options = {"steps": cfg.steps, "eps": cfg.eps, "noise": cfg.noise, "generator": generator,
                **({"particles": cfg.particles} if cfg.method == "smc" else {})}
-    # y = P (x + noise * n): the same observation noise for every method and sampling seed
-    noise_draw = randomness.randn(originals.shape, generator=torch.Generator().manual_seed(config.seed),
-                                  device=device, dtype=torch.float64)
+    # y = P (x + noise * n): the same observation noise for every method and sampling seed, from
+    # a stream of its own (neither the random mask's nor the sampler's)
+    noise_draw = randomness.randn(originals.shape, dtype=torch.float64, device=device,
+                                  generator=torch.Generator().manual_seed(config.seed + OBSERVATION_SEED_OFFSET))
     observations = projector.observe(originals + cfg.noise * noise_draw)
     started = time.perf_counter()
     completed, nfe = [], 0
@@ -123,7 +127,7 @@ def complete(config, workdir: str | Path) -> dict[str, Any]:
     deviation = float((projector.project(completed) - observations).abs().max())
     rmse = float((completed - originals).pow(2).mean().sqrt())  # per value, on the [-1, 1] scale
     completed_uint8 = data.float_to_uint8(completed.float().cpu().clamp(-1, 1), dequantized=False)
-    record: dict[str, Any] = {
+    record: dict[str, Any] = {"observation_t": info["observation_t"],
         "task": cfg.task, "method": cfg.method, "steps": cfg.steps, "eps": cfg.eps, "noise": cfg.noise,
         "num_images": len(chosen), "split": config.eval.heldout_split, "nfe_per_image": nfe, "wall_time_s": wall_time,
         "observed_max_deviation": deviation, "rmse_to_originals": rmse, "checkpoint": source,
