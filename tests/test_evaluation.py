@@ -139,7 +139,7 @@ def test_frechet_distance_of_rank_deficient_covariances_is_finite_and_real():
 
 
 def test_frechet_distance_rejects_invalid_covariances():
-    with pytest.raises(ValueError, match="imaginary"):
+    with pytest.raises(ValueError, match="positive semi-definite"):
         frechet_distance(np.zeros(2), np.diag([1.0, -1.0]), np.zeros(2), np.eye(2))
     with pytest.raises(ValueError, match="same d|one d"):
         frechet_distance(np.zeros(2), np.eye(2), np.zeros(3), np.eye(3))
