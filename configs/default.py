@@ -50,6 +50,11 @@ def get_default_config() -> ml_collections.ConfigDict:
     model.channels_last = True    # unet: NHWC conv layout (same numbers; faster convolutions)
     model.num_layers = 3          # mlp only: hidden layers
     model.ema_rate = 0.999
+    # class-conditional networks (sde/conditioning.py): labels 0..num_classes-1 of the data set,
+    # 0 = unconditional; a training label is replaced by "no label" with probability
+    # label_dropout, so one network also learns the unconditional law guidance needs
+    model.num_classes = 0
+    model.label_dropout = 0.1
 
     config.training = training = ml_collections.ConfigDict()
     training.batch_size = 128
@@ -87,6 +92,10 @@ def get_default_config() -> ml_collections.ConfigDict:
     sampling.batch_size = 64
     sampling.seed = 0
     sampling.checkpoint = ""      # "" = latest in workdir/checkpoints
+    # conditional models: "" (no label) | "balanced" (class k mod K) | one class, e.g. 7 |
+    # one class per sample, e.g. "0,1,2,3"; guidance w of classifier-free guidance (2 NFE a step)
+    sampling.labels = FieldReference("", field_type=object)
+    sampling.guidance = 0.0
     # Sampler options: unset (None) means the sampler's own default. One key per option of
     # any sampler, typed as the sampler declares it (sde/samplers/spec.py; README, Samplers).
     sampling.options = options = ml_collections.ConfigDict()

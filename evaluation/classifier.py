@@ -87,7 +87,8 @@ def load_classifier(path: str | Path | None = None, device: torch.device | str =
             f"MNIST classifier weights not found at {weights_path}; train them with "
             "`python -m evaluation.train_classifier`"
         )
-    state = {name: tensor.float() if tensor.is_floating_point() else tensor for name, tensor in load_file(str(weights_path)).items()}
+    state = {name: tensor.float() if tensor.is_floating_point() else tensor
+             for name, tensor in load_file(str(weights_path)).items()}
     classifier = MnistClassifier()
     classifier.load_state_dict(state, strict=True)
     return classifier.to(device).eval()
@@ -109,7 +110,10 @@ class ClassifierMetrics:
 
     The state is three sums (confidence, entropy, class counts) and an image count, so two
     instances merge by adding them (`merge`), and instances in several processes by summing
-    their `to_arrays` (all_reduce) and `load_arrays` of the sum.
+    their `to_arrays` (all_reduce) and `load_arrays` of the sum. Images drawn for requested
+    classes (a class-conditional model) also count into a confusion matrix, rows = the class
+    asked for, columns = the class recognised, from which the accuracy against the requested
+    labels follows.
     """
 
     def __init__(self, classifier: nn.Module | None = None, device: torch.device | str = "cpu"):
@@ -119,16 +123,25 @@ class ClassifierMetrics:
         self.confidence_sum = 0.0
         self.entropy_sum = 0.0
         self.class_histogram = np.zeros(NUM_CLASSES, dtype=np.int64)
+        self.confusion = np.zeros((NUM_CLASSES, NUM_CLASSES), dtype=np.int64)
 
     @torch.no_grad()
-    def update(self, images_uint8: torch.Tensor | np.ndarray) -> None:
-        """Add a batch of uint8 images [B, 1, 28, 28]."""
+    def update(self, images_uint8: torch.Tensor | np.ndarray, labels: torch.Tensor | np.ndarray | None = None) -> None:
+        """Add a batch of uint8 images [B, 1, 28, 28], with the classes they were drawn for
+        (``labels`` [B], or None: unlabelled)."""
         log_probs = F.log_softmax(self.classifier(images_to_input(images_uint8, self.device)).double(), dim=1)
         probs = log_probs.exp()
         self.count += probs.shape[0]
         self.confidence_sum += probs.max(dim=1).values.sum().item()
         self.entropy_sum += -(probs * log_probs).sum().item()
-        self.class_histogram += np.bincount(probs.argmax(dim=1).cpu().numpy(), minlength=NUM_CLASSES)
+        predicted = probs.argmax(dim=1).cpu().numpy()
+        self.class_histogram += np.bincount(predicted, minlength=NUM_CLASSES)
+        if labels is not None:
+            requested = np.asarray(labels, dtype=np.int64)
+            if (requested.shape != predicted.shape or requested.min(initial=0) < 0
+                    or requested.max(initial=0) >= NUM_CLASSES):
+                raise ValueError(f"labels must be {len(predicted)} classes in 0..{NUM_CLASSES - 1}, got {requested}")
+            np.add.at(self.confusion, (requested, predicted), 1)
 
     def merge(self, other: "ClassifierMetrics") -> None:
         """Add another instance's counts (same classifier) into this one."""
@@ -136,25 +149,36 @@ class ClassifierMetrics:
         self.confidence_sum += other.confidence_sum
         self.entropy_sum += other.entropy_sum
         self.class_histogram += other.class_histogram
+        self.confusion += other.confusion
 
     def to_arrays(self) -> dict[str, np.ndarray]:
         """The state as arrays (float64 sums, int64 counts) that add up over processes."""
         return {"count": np.asarray(self.count, dtype=np.int64),
                 "sums": np.array([self.confidence_sum, self.entropy_sum]),
-                "class_histogram": self.class_histogram.copy()}
+                "class_histogram": self.class_histogram.copy(), "confusion": self.confusion.copy()}
 
     def load_arrays(self, arrays: dict[str, np.ndarray]) -> None:
         """Take the state from ``arrays`` (e.g. `to_arrays` summed over processes)."""
         self.count = int(np.asarray(arrays["count"]))
         self.confidence_sum, self.entropy_sum = (float(value) for value in np.asarray(arrays["sums"]))
         self.class_histogram = np.asarray(arrays["class_histogram"], dtype=np.int64).copy()
+        self.confusion = np.asarray(arrays["confusion"], dtype=np.int64).copy()
 
     def result(self) -> dict:
         """mean_confidence (mean max softmax), mean_entropy (nats, per image),
-        class_histogram (10 counts), histogram_tv_from_uniform, num_images."""
+        class_histogram (10 counts), histogram_tv_from_uniform, num_images; for images drawn
+        for requested classes also accuracy (recognised = requested), per_class_accuracy
+        (None for a class never requested) and confusion (rows requested, columns recognised)."""
         if self.count == 0:
             raise ValueError("ClassifierMetrics.result() needs at least one image; call update() first")
-        return {
+        labelled = {}
+        if self.confusion.sum():
+            requested = self.confusion.sum(1)
+            labelled = {"accuracy": float(np.trace(self.confusion) / self.confusion.sum()),
+                        "per_class_accuracy": [float(self.confusion[k, k] / n) if n else None
+                                               for k, n in enumerate(requested)],
+                        "confusion": self.confusion.tolist()}
+        return {**labelled,
             "num_images": self.count,
             "mean_confidence": self.confidence_sum / self.count,
             "mean_entropy": self.entropy_sum / self.count,
@@ -169,9 +193,12 @@ def classifier_metrics(
     *,
     batch_size: int = 500,
     device: torch.device | str = "cpu",
+    labels: torch.Tensor | np.ndarray | None = None,
 ) -> dict:
-    """`ClassifierMetrics.result()` for a whole uint8 array [N, 1, 28, 28], in batches."""
+    """`ClassifierMetrics.result()` for a whole uint8 array [N, 1, 28, 28], in batches;
+    ``labels`` [N]: the classes the images were drawn for (accuracy, confusion matrix)."""
     metrics = ClassifierMetrics(classifier, device)
     for start in range(0, len(images_uint8), batch_size):
-        metrics.update(images_uint8[start:start + batch_size])
+        metrics.update(images_uint8[start:start + batch_size],
+                       None if labels is None else labels[start:start + batch_size])
     return metrics.result()

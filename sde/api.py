@@ -26,7 +26,7 @@ from typing import Any
 import ml_collections
 import torch
 
-from sde import checkpoint, data, likelihood
+from sde import checkpoint, conditioning, data, likelihood
 from sde.checkpoint import CheckpointError
 from sde.configuration import sampler_options
 from sde.distributed import resolve_device
@@ -101,10 +101,20 @@ class Pipeline:
         """The shape of one example, e.g. (1, 28, 28)."""
         return data.sample_shape(self.config, 1)[1:]
 
+    @property
+    def num_classes(self) -> int:
+        """Class labels the network takes (0: unconditional)."""
+        return conditioning.num_classes(self.model)
+
     def sample(self, num_samples: int, *, method: str | None = None, steps: int | None = None,
                seed: int = 0, batch_size: int | None = None, progress: bool = False,
-               **options) -> tuple[Tensor, dict[str, Any]]:
+               labels=None, guidance: float = 0.0, **options) -> tuple[Tensor, dict[str, Any]]:
         """``num_samples`` samples and the sampler's ``info`` (of the last batch).
+
+        A class-conditional model takes ``labels``: one class for all, ``"balanced"`` (sample
+        k of class k mod K), or one per sample (a list or tensor); None draws the
+        unconditional law. ``guidance`` is w of classifier-free guidance (each guided step
+        evaluates the network twice per sample; ``info["nfe"]`` counts both).
 
         ``method`` and ``steps`` default to the config's (``sampling.method``/``steps``);
         ``options`` are the sampler's (``samplers.SAMPLERS[method].options``), by default the
@@ -121,10 +131,17 @@ class Pipeline:
             method, options = config.sampling.method, {**sampler_options(config), **options}
         steps = config.sampling.steps if steps is None else steps
         config.sampling.batch_size = batch_size or min(num_samples, config.sampling.batch_size)
+        guidance = conditioning.check_guidance(guidance)
+        if guidance and not self.num_classes:
+            raise ValueError("guidance needs a class-conditional model; this one is unconditional")
+        labels = conditioning.resolve_labels(labels, num_samples, self.num_classes, name="labels",
+                                             trained=tuple(self.config.data.classes))
+        if guidance and labels is None:
+            raise ValueError("guidance guides towards a class: give labels too")
         batches, info = [], {}
         for _, x, info in generate(config, self.model, self.sde, self.device, num_samples=num_samples,
                                    seed=seed, method=method, steps=steps, options=options,
-                                   progress=progress):
+                                   progress=progress, labels=labels, guidance=guidance):
             batches.append(x)
         return torch.cat(batches), info
 
@@ -140,13 +157,16 @@ class Pipeline:
         """The model's data set, ``split`` (default: the one it was trained on), raw."""
         return data.load_dataset(self.config, split)
 
-    def bits_per_dim(self, images: Tensor, **options) -> tuple[float, float, dict]:
+    def bits_per_dim(self, images: Tensor, labels=None, **options) -> tuple[float, float, dict]:
         """Bits/dim of uint8 images by the probability-flow ODE (``likelihood.bits_per_dim``):
         (mean, standard error, info). The dequantization is the config's (``eval.bpd_*``),
-        as ``--mode eval`` reports it, unless ``options`` say otherwise."""
+        as ``--mode eval`` reports it, unless ``options`` say otherwise. A class-conditional
+        model with ``labels`` (one per image) gives -log2 p(x | y) per dimension; without, the
+        unconditional p(x) of the same network (the null label)."""
         options.setdefault("dequantization", self.config.eval.bpd_dequantization)
         options.setdefault("truncation", self.config.eval.bpd_truncation)
-        return likelihood.bits_per_dim(self.model, self.sde, images.to(self.device),
+        labels = conditioning.resolve_labels(labels, len(images), self.num_classes, name="labels")
+        return likelihood.bits_per_dim(self.model, self.sde, images.to(self.device), labels=labels,
                                        dequantized_grid=self.config.data.dequantize, **options)
 
     def flow_figure(self, path: str | Path, *, method: str | None = None, steps: int | None = None,

@@ -12,7 +12,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from sde import data, samplers
+from sde import conditioning, data, samplers
 from sde.checkpoint import CheckpointError
 from sde.checks import require
 from sde.config_rules import check_values
@@ -48,9 +48,9 @@ def validate(config) -> None:
     data.validate_data_config(config)
 
 
-def check_sampling(config) -> None:
+def check_sampling(config, count: int | None = None) -> None:
     """``config.sampling``: the sampler and its options against the step count (``validate``
-    checks the counts)."""
+    checks the counts), and the labels of ``count`` samples (default ``sampling.num_samples``)."""
     sampling = config.sampling
     require(not (is_exact(config) and sampling.checkpoint),
             f"model.name='exact' has no weights to load; leave sampling.checkpoint empty (got {sampling.checkpoint!r})")
@@ -60,6 +60,28 @@ def check_sampling(config) -> None:
         samplers.resolve_options(sampling.method, create_sde(config), sampler_options(config), sampling.steps)
     except (ValueError, FileNotFoundError) as error:
         raise type(error)(f"sampling.options: {error}") from error
+    sampling_labels(config, count)
+
+
+def sampling_labels(config, count: int | None = None):
+    """The labels of ``count`` samples (default ``sampling.num_samples``) that
+    ``sampling.labels`` asks for (None: no label), checked with ``sampling.guidance`` against
+    the model: labels and guidance need a class-conditional model, guidance needs labels and
+    a null label that training used (``model.label_dropout`` > 0). A model trained on some
+    classes (``data.classes``) is asked for those only."""
+    sampling, classes = config.sampling, config.model.num_classes
+    count = sampling.num_samples if count is None else count
+    require(not sampling.guidance or classes,
+            f"sampling.guidance={sampling.guidance:g} needs a class-conditional model (model.num_classes > 0); "
+            f"this one is unconditional")
+    labels = conditioning.resolve_labels(sampling.labels, count, classes, trained=tuple(config.data.classes))
+    require(not sampling.guidance or labels is not None,
+            f"sampling.guidance={sampling.guidance:g} guides towards a class: set sampling.labels "
+            f"('{conditioning.BALANCED}', one class, or one per sample)")
+    require(not sampling.guidance or config.model.label_dropout > 0,
+            f"sampling.guidance={sampling.guidance:g} needs the unconditional branch, which this model never "
+            f"trained (model.label_dropout=0: the null label was never used); sample with guidance 0")
+    return labels
 
 
 def check_heldout_run(config) -> None:

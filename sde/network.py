@@ -8,7 +8,9 @@ The score is -eps / sigma(t) and the denoised estimate (x - sigma(t) eps) / alph
 on its own device (the callers keep their state in float64, as EDM's sampler does), with
 ``t`` broadcast to the batch, the output's shape checked and every call counted. One call
 evaluates the whole batch, so ``nfe`` is the number of function evaluations per sample,
-the cost measure of Song et al. 2021 and Lu et al. 2022.
+the cost measure of Song et al. 2021 and Lu et al. 2022. A model that evaluates the
+network more than once per sample in one call (classifier-free guidance,
+``sde.conditioning``) says so by ``evaluations_per_call``, and is counted that many times.
 """
 from __future__ import annotations
 
@@ -51,14 +53,15 @@ class CountedModel:
         self.model = model
         self.dtype = own_dtype or dtype
         self.device = own_device or (torch.device(device) if device is not None else None)
+        self.evaluations_per_call = int(getattr(model, "evaluations_per_call", 1))
         self.nfe = 0
         self.rows = 0
 
     def __call__(self, x: Tensor, t: Tensor | float) -> Tensor:
         """eps at ``(x, t)``, returned in ``x``'s dtype and on ``x``'s device; ``t`` is a
         number, a 0-d tensor or one time per sample."""
-        self.nfe += 1
-        self.rows += x.shape[0]
+        self.nfe += self.evaluations_per_call
+        self.rows += x.shape[0] * self.evaluations_per_call
         dtype = self.dtype or (x.dtype if x.is_floating_point() else torch.float32)
         device = self.device or x.device
         t = torch.as_tensor(t, dtype=torch.float64)

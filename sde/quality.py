@@ -137,8 +137,13 @@ def reference_features(config, inception, *, shard: tuple[int, int] = (0, 1)):
 
 def sample_quality(config, model, sde, device, *, method: str, steps: int, options: dict,
                    num_samples: int, inception, reference, classifier=None,
-                   progress: bool = True, shard: tuple[int, int] = (0, 1)) -> tuple[dict[str, Any], np.ndarray]:
+                   progress: bool = True, shard: tuple[int, int] = (0, 1), labels: torch.Tensor | None = None,
+                   guidance: float = 0.0) -> tuple[dict[str, Any], np.ndarray]:
     """FID/KID (and classifier metrics on MNIST) of ``num_samples`` streamed samples.
+
+    A class-conditional model draws sample k of class ``labels[k]`` with classifier-free
+    guidance ``guidance`` (``sde.conditioning``); the classifier then also scores each
+    sample against the class it was drawn for (accuracy, confusion matrix).
 
     Samples go batch by batch through Inception (and the classifier) into running
     statistics; only the first ``GRID_IMAGES`` are kept, for a grid. With
@@ -157,13 +162,14 @@ def sample_quality(config, model, sde, device, *, method: str, steps: int, optio
     batch_start = time.perf_counter()
     for first, x, info in generate(config, model, sde, device, num_samples=num_samples,
                                    seed=config.sampling.seed, method=method, steps=steps,
-                                   options=options, shard=shard, progress=progress):
+                                   options=options, shard=shard, progress=progress, labels=labels,
+                                   guidance=guidance):
         sampling_time += time.perf_counter() - batch_start
         batch_nfe[first // batch_size] = info["nfe"]
         batch = data.float_to_uint8(x.float().cpu(), dequantized=config.data.dequantize)
         features.update(inception(batch), first)
         if classifier is not None:
-            classifier.update(batch)
+            classifier.update(batch, None if labels is None else labels[first:first + len(batch)])
         grid[first:first + len(batch)] = batch[:max(len(grid) - first, 0)]
         batch_start = time.perf_counter()
     features.load_arrays(distributed.all_reduce_arrays(features.to_arrays()))
@@ -173,6 +179,7 @@ def sample_quality(config, model, sde, device, *, method: str, steps: int, optio
                "resolved_options": samplers.reported_options(method, sde, options),
                "nfe": int(distributed.sum_over_ranks(batch_nfe)[-1]),  # the last batch's, as sampled
                "num_samples": num_samples, "processes": shard[1], "sampling_time_s": sampling_time,
+               **({} if labels is None else {"guidance": guidance, "label_counts": torch.bincount(labels).tolist()}),
                "wall_time_s": time.perf_counter() - start}
     metrics.update(compare_feature_sets(features.feature_set(), reference, seed=config.sampling.seed))
     if classifier is not None:

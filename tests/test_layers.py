@@ -10,8 +10,8 @@ ROOT = Path(__file__).resolve().parents[1]
 #: Layers from the bottom; a module may import modules of its own layer or below (within a
 #: layer, the import graph must still be free of circles).
 LAYERS = [
-    ["evaluation", "sde.checks", "sde.config_rules", "sde.divergence", "sde.progress", "sde.randomness", "sde.environment",
-     "sde.network", "sde.sdes", "sde.checkpoint", "sde.distributed",
+    ["evaluation", "sde.checks", "sde.config_rules", "sde.divergence", "sde.progress", "sde.randomness",
+     "sde.environment", "sde.network", "sde.conditioning", "sde.sdes", "sde.checkpoint", "sde.distributed",
      "sde.data"],
     ["sde.workdir", "sde.images", "sde.models"],
     ["sde.samplers", "sde.losses"],

@@ -99,9 +99,12 @@ class BatchStream:
 def create_batch_stream(config: ml_collections.ConfigDict, *, rank: int = 0, world_size: int = 1) -> BatchStream:
     """The training stream of ``config``: ``config.data.split`` in global batches of
     ``config.training.batch_size``, seeded by ``config.seed``, dequantized / flipped as
-    ``config.data`` says, rank ``rank`` of ``world_size``."""
-    data, _ = load_dataset(config)
-    return BatchStream(data, config.training.batch_size, config.seed, dequantize=config.data.dequantize,
+    ``config.data`` says, rank ``rank`` of ``world_size``; (images, labels) pairs for a
+    class-conditional network (``model.num_classes`` > 0)."""
+    data, labels = load_dataset(config)
+    conditional = config.model.get("num_classes", 0) > 0  # a class-conditional network trains on the labels
+    return BatchStream(data, config.training.batch_size, config.seed, labels=labels if conditional else None,
+                       dequantize=config.data.dequantize,
                        random_flip=config.data.random_flip, rank=rank, world_size=world_size)
 
 

@@ -37,7 +37,7 @@ import math
 import torch
 
 from sde.data import uint8_to_float
-from sde import randomness
+from sde import conditioning, randomness
 from sde.likelihood.common import (DEFAULT_EPS, CountedModel, Model, check_choice, check_eps, check_images,
                                    counted_network, mean_and_standard_error)
 from sde.likelihood.dequantization import (DEFAULT_TRUNCATION, DEQUANTIZATIONS, dequantized_bits_per_dim,
@@ -162,7 +162,8 @@ def ode_log_likelihood(model: Model, sde: SDE, x: Tensor, *, divergence: str = "
 def bits_per_dim(model: Model, sde: SDE, images: Tensor, *, repeats: int = 1,
                  generator: torch.Generator | None = None, batch_size: int = 128,
                  dequantization: str = "uniform", truncation: float = DEFAULT_TRUNCATION,
-                 dequantized_grid: bool = False, **ode_options) -> tuple[float, float, dict]:
+                 dequantized_grid: bool = False, labels: Tensor | None = None,
+                 **ode_options) -> tuple[float, float, dict]:
     """Bits/dim of uint8 images by the probability-flow ODE, an upper bound on -log2 P / D.
 
     ``dequantization``: "uniform" (Theis et al.; the ODE starts at ``eps`` from the
@@ -174,9 +175,12 @@ def bits_per_dim(model: Model, sde: SDE, images: Tensor, *, repeats: int = 1,
     ``ode_log_likelihood(**ode_options)``. Returns (mean, standard error, info):
     info["per_image"] [N, repeats] bits/dim, info["estimator_standard_error"] (the Monte
     Carlo part alone, see ``mean_and_standard_error``), info["nfe"] summed over all solves
-    and info["t0"], the time the ODE starts at.
+    and info["t0"], the time the ODE starts at. ``labels`` (one per image) condition a
+    class-conditional network on each image's class: -log2 P(x | y) / D (``sde.conditioning``).
     """
     check_images(images)
+    if labels is not None and len(labels) != len(images):
+        raise ValueError(f"{len(labels)} labels for {len(images)} images")
     check_choice("dequantization", dequantization, DEQUANTIZATIONS)
     if repeats < 1 or batch_size < 1:
         raise ValueError(f"repeats and batch_size must be >= 1, got {repeats}, {batch_size}")
@@ -192,15 +196,16 @@ def bits_per_dim(model: Model, sde: SDE, images: Tensor, *, repeats: int = 1,
     for repeat in range(repeats):
         for start in range(0, images.shape[0], batch_size):
             batch = images[start:start + batch_size]
+            model_of_batch = model if labels is None else conditioning.bind(model, labels[start:start + batch_size])
             if truncated:
                 y, t0, log_q = truncated_normal_dequantization(
                     sde, batch, truncation, dequantized_grid=dequantized_grid, generator=generator)
-                log_py, info = ode_log_likelihood(model, sde, y, generator=generator, eps=t0,
+                log_py, info = ode_log_likelihood(model_of_batch, sde, y, generator=generator, eps=t0,
                                                   **ode_options)
                 bits = (log_q.to(log_py.device) - log_py) / (dims * math.log(2.0))
             else:
                 x = uint8_to_float(batch, dequantize=True, generator=generator)
-                log_px, info = ode_log_likelihood(model, sde, x, generator=generator, **ode_options)
+                log_px, info = ode_log_likelihood(model_of_batch, sde, x, generator=generator, **ode_options)
                 bits = dequantized_bits_per_dim(log_px, dims)
             per_image[start:start + batch_size, repeat] = bits.cpu()
             nfe += info["nfe"]

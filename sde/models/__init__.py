@@ -45,26 +45,47 @@ def _build_unet(config: ml_collections.ConfigDict) -> UNet:
                 embedding_type=model.embedding_type, fourier_scale=model.fourier_scale,
                 skip_rescale=model.skip_rescale,
                 # run directories written before the key existed: the default layout
-                channels_last=model.get("channels_last", True))
+                channels_last=model.get("channels_last", True), num_classes=model.get("num_classes", 0))
 
 
 def _build_mlp(config: ml_collections.ConfigDict) -> ToyMLP:
     model = config.model
     (dim,) = get_dataset(config.data.dataset).example_shape(config.data)
     return ToyMLP(dim=dim, hidden=model.nf, num_layers=model.num_layers,
-                  embedding_type=model.embedding_type, fourier_scale=model.fourier_scale)
+                  embedding_type=model.embedding_type, fourier_scale=model.fourier_scale,
+                  num_classes=model.get("num_classes", 0))
 
 
 def _build_exact(config: ml_collections.ConfigDict) -> ExactMixtureEps:
     from sde.sdes import create_sde  # the model is the SDE's marginal score
 
-    return ExactMixtureEps(create_sde(config), toy_mixture(config.data.toy_name))
+    return ExactMixtureEps(create_sde(config), toy_mixture(config.data.toy_name),
+                           num_classes=config.model.get("num_classes", 0))
 
 
 def _check_exact(config: ml_collections.ConfigDict) -> None:
     if config.data.toy_name not in CLOSED_FORM_NAMES:
         raise ValueError(f"model.name='exact' needs a toy set with a closed-form density "
                          f"({', '.join(CLOSED_FORM_NAMES)}), got data.toy_name={config.data.toy_name!r}")
+    components = len(toy_mixture(config.data.toy_name).weights)
+    if config.model.get("num_classes", 0) not in (0, components):
+        raise ValueError(f"the exact model's classes are the {components} components of "
+                         f"{config.data.toy_name!r}: model.num_classes must be 0 or {components}, "
+                         f"got {config.model.num_classes}")
+
+
+def _check_classes(config: ml_collections.ConfigDict) -> None:
+    """A conditional network takes the data set's labels: model.num_classes is 0 or their count."""
+    classes = config.model.get("num_classes", 0)
+    if not classes or is_exact(config):
+        return
+    dataset = get_dataset(config.data.dataset)
+    if not dataset.num_classes:
+        raise ValueError(f"model.num_classes={classes} needs labelled data; data.dataset={dataset.name!r} has "
+                         f"no labels (the exact toy model takes model.num_classes = its components)")
+    if classes != dataset.num_classes:
+        raise ValueError(f"model.num_classes must be 0 (unconditional) or {dataset.num_classes} (the labels of "
+                         f"{dataset.name}), got {classes}")
 
 
 MODELS: dict[str, ModelSpec] = {
@@ -90,6 +111,7 @@ def check_model_config(config: ml_collections.ConfigDict) -> None:
         raise ValueError(f"data.dataset={dataset.name!r} ({dataset.kind} data) needs model.name="
                          f"{' or '.join(map(repr, fitting))}, got {name!r}")
     MODELS[name].check(config)
+    _check_classes(config)
     check_values(config, "model")  # the numeric keys' rules, for callers that skip configuration.validate
 
 

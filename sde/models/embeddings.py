@@ -129,3 +129,56 @@ def batch_times(t: Tensor | float, batch_size: int, device: torch.device) -> Ten
         raise ValueError(f"t must have shape [{batch_size}] (one time per sample) or be a "
                          f"scalar, got shape {list(t.shape)}")
     return t
+
+
+class LabelEmbedding(nn.Module):
+    """A learned vector per class label plus one for "no label", added to the time embedding.
+
+    Classifier-free guidance (Ho & Salimans 2022, sec. 3.2) trains one network on both laws:
+    with probability ``label_dropout`` a training label is replaced by the null label
+    ``num_classes``, so the same weights learn eps(x, t, y) and the unconditional eps(x, t).
+    The table is zero-initialised: an untrained conditional network is the unconditional
+    one, and every label, the null one included, moves only as training asks it to.
+
+    Args:
+      num_classes: number of labels 0..num_classes-1 (the null label is ``num_classes``).
+      dim: width of the time embedding the labels are added to.
+    """
+
+    def __init__(self, num_classes: int, dim: int):
+        super().__init__()
+        if num_classes < 1:
+            raise ValueError(f"a label embedding needs num_classes >= 1, got {num_classes}")
+        self.num_classes = num_classes
+        self.table = nn.Embedding(num_classes + 1, dim)
+        nn.init.zeros_(self.table.weight)
+
+    def forward(self, y: Tensor | None, batch_size: int, device: torch.device) -> Tensor:
+        """[B, dim] embeddings of labels ``y`` [B] (None: the null label for the whole batch)."""
+        if y is None:
+            y = torch.full((batch_size,), self.num_classes, dtype=torch.long, device=device)
+        return self.table(check_labels(y, self.num_classes, batch_size).to(device))
+
+
+def check_labels(y: Tensor, num_classes: int, batch_size: int) -> Tensor:
+    """``y`` as int64 [B] with entries in 0..num_classes (num_classes: the null label), or a
+    ValueError saying what was wrong. The values are checked where that costs no device
+    synchronisation (labels on the CPU); callers check user input before it reaches a GPU."""
+    y = torch.as_tensor(y)
+    if y.shape != (batch_size,) or y.is_floating_point() or y.is_complex() or y.dtype == torch.bool:
+        raise ValueError(f"labels must be integers of shape [{batch_size}] (one per sample), got "
+                         f"{y.dtype} of shape {list(y.shape)}")
+    if batch_size and y.device.type == "cpu" and (int(y.min()) < 0 or int(y.max()) > num_classes):
+        raise ValueError(f"labels must be in 0..{num_classes - 1} ({num_classes}: no label), got values "
+                         f"{int(y.min())}..{int(y.max())}")
+    return y.long()
+
+
+def with_labels(temb: Tensor, labels: LabelEmbedding | None, y: Tensor | None) -> Tensor:
+    """The time embedding ``temb`` [B, dim] plus the label embedding of ``y`` (a conditional
+    network), or ``temb`` itself (an unconditional one, which takes no labels)."""
+    if labels is None:
+        if y is not None:
+            raise ValueError("this network is unconditional (model.num_classes = 0): it takes no class labels")
+        return temb
+    return temb + labels(y, temb.shape[0], temb.device).to(temb.dtype)

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from sde.data.toy import TOY_DIM
-from sde.models.embeddings import TimeEmbedding, batch_times
+from sde.models.embeddings import LabelEmbedding, TimeEmbedding, batch_times, with_labels
 
 Tensor = torch.Tensor
 
@@ -31,16 +31,20 @@ class ToyMLP(nn.Module):
       num_layers: number of hidden layers (>= 1).
       embedding_type: ``"positional"`` or ``"fourier"`` (see ``sde.models.embeddings``).
       fourier_scale: std of the random Fourier frequencies (``"fourier"`` only).
+      num_classes: 0 for an unconditional network; otherwise labels 0..num_classes-1 are
+        embedded and added to the time embedding (``LabelEmbedding``).
     """
 
     def __init__(self, dim: int = TOY_DIM, hidden: int = 128, num_layers: int = 3,
-                 embedding_type: str = "positional", fourier_scale: float = 16.0):
+                 embedding_type: str = "positional", fourier_scale: float = 16.0, num_classes: int = 0):
         super().__init__()
         if dim < 1 or hidden < 1 or num_layers < 1:
             raise ValueError(f"dim, hidden and num_layers must be >= 1, got {dim}, {hidden}, "
                              f"{num_layers}")
         self.dim = dim
         self.time_embedding = TimeEmbedding(embedding_type, hidden, hidden, fourier_scale)
+        self.num_classes = num_classes
+        self.label_embedding = LabelEmbedding(num_classes, hidden) if num_classes else None
         widths = [dim] + [hidden] * num_layers
         self.layers = nn.ModuleList(nn.Linear(w_in, w_out) for w_in, w_out in zip(widths, widths[1:]))
         self.time_projs = nn.ModuleList(nn.Linear(hidden, hidden) for _ in range(num_layers))
@@ -48,11 +52,13 @@ class ToyMLP(nn.Module):
         nn.init.zeros_(self.out.weight)
         nn.init.zeros_(self.out.bias)
 
-    def forward(self, x: Tensor, t: Tensor | float) -> Tensor:
-        """Predict eps. ``x``: [B, dim]; ``t``: [B] (or a scalar for the whole batch)."""
+    def forward(self, x: Tensor, t: Tensor | float, y: Tensor | None = None) -> Tensor:
+        """Predict eps. ``x``: [B, dim]; ``t``: [B] (or a scalar for the whole batch); ``y``:
+        labels [B] of a conditional network (None: unconditional)."""
         if x.ndim != 2 or x.shape[1] != self.dim:
             raise ValueError(f"ToyMLP expects x of shape [B, {self.dim}], got {list(x.shape)}")
-        temb_act = F.silu(self.time_embedding(batch_times(t, x.shape[0], x.device)))
+        temb = self.time_embedding(batch_times(t, x.shape[0], x.device))
+        temb_act = F.silu(with_labels(temb, self.label_embedding, y))
         h = x
         for layer, time_proj in zip(self.layers, self.time_projs):
             h = F.silu(layer(h) + time_proj(temb_act))

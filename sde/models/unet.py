@@ -47,7 +47,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from sde.models.embeddings import TimeEmbedding, batch_times
+from sde.models.embeddings import LabelEmbedding, TimeEmbedding, batch_times, with_labels
 
 Tensor = torch.Tensor
 
@@ -262,13 +262,15 @@ class UNet(nn.Module):
       fourier_scale: std of the random Fourier frequencies (``"fourier"`` only).
       skip_rescale: scale each residual sum by 1/sqrt(2) (DDPM++).
       channels_last: keep conv weights and activations in the NHWC layout (module docstring).
+      num_classes: 0 for an unconditional network; otherwise class labels 0..num_classes-1
+        are embedded and added to the time embedding (``LabelEmbedding``; Ho & Salimans 2022).
     """
 
     def __init__(self, in_channels: int = 1, image_size: int = 28, nf: int = 32,
                  ch_mult: Sequence[int] = (1, 2, 2), num_res_blocks: int = 1,
                  attn_resolutions: Sequence[int] = (7,), dropout: float = 0.1,
                  embedding_type: str = "positional", fourier_scale: float = 16.0,
-                 skip_rescale: bool = True, channels_last: bool = True):
+                 skip_rescale: bool = True, channels_last: bool = True, num_classes: int = 0):
         super().__init__()
         ch_mult, attn_resolutions = tuple(ch_mult), tuple(attn_resolutions)
         resolutions = _check_arguments(in_channels, image_size, nf, ch_mult, num_res_blocks,
@@ -276,6 +278,8 @@ class UNet(nn.Module):
         self.in_channels, self.image_size = in_channels, image_size
         time_dim = TIME_EMBEDDING_MULT * nf
         self.time_embedding = TimeEmbedding(embedding_type, nf, time_dim, fourier_scale)
+        self.num_classes = num_classes
+        self.label_embedding = LabelEmbedding(num_classes, time_dim) if num_classes else None
         self.conv_in = conv3x3(in_channels, nf)
 
         def res_block(cin: int, cout: int) -> ResBlock:
@@ -321,14 +325,17 @@ class UNet(nn.Module):
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
         self.to(memory_format=self.memory_format)
 
-    def forward(self, x: Tensor, t: Tensor | float) -> Tensor:
+    def forward(self, x: Tensor, t: Tensor | float, y: Tensor | None = None) -> Tensor:
         """Predict eps. ``x``: [B, in_channels, image_size, image_size]; ``t``: [B] (or a
-        scalar for the whole batch) in (0, 1]. Returns eps with the shape and dtype of ``x``."""
+        scalar for the whole batch) in (0, 1]; ``y``: class labels [B] of a conditional
+        network (None or ``num_classes``: unconditional). Returns eps with the shape and
+        dtype of ``x``."""
         expected = (self.in_channels, self.image_size, self.image_size)
         if x.ndim != 4 or tuple(x.shape[1:]) != expected:
             raise ValueError(f"UNet expects x of shape [B, {', '.join(map(str, expected))}], "
                              f"got {list(x.shape)}")
-        temb_act = F.silu(self.time_embedding(batch_times(t, x.shape[0], x.device)))
+        temb = self.time_embedding(batch_times(t, x.shape[0], x.device))
+        temb_act = F.silu(with_labels(temb, self.label_embedding, y))
 
         h = self.conv_in(x.contiguous(memory_format=self.memory_format))
         skips = [h]

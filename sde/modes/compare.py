@@ -53,6 +53,7 @@ def check(config) -> None:
     if not dataset.is_image:
         raise ValueError(f"--mode compare measures FID of images; data.dataset={dataset.name!r} has none")
     validate_runs(config)
+    configuration.sampling_labels(config, config.compare.num_samples)  # every run draws these classes
     check_cache_dir(config)
 
 
@@ -99,7 +100,8 @@ def compare(config, workdir: str | Path) -> dict[str, Any]:
                                        options=options, num_samples=config.compare.num_samples,
                                        inception=inception, reference=reference,
                                        classifier=classifier, progress=context.is_main,
-                                       shard=context.shard)
+                                       shard=context.shard, guidance=config.sampling.guidance,
+                                       labels=configuration.sampling_labels(config, config.compare.num_samples))
         metrics["run"] = label
         results.append(metrics)
         rows.append(_row(label, metrics))

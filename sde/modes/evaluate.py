@@ -4,10 +4,13 @@ sliced Wasserstein distance of samples to the data law (``point_metrics``).
 
 For the latest checkpoint (or ``sampling.checkpoint``) it writes
 ``workdir/eval/report_step<step>.json`` (``report_exact.json`` for the closed-form toy
-model), TensorBoard scalars under ``eval/`` and prints a table. FID/KID use ``eval.num_samples`` images from the configured sampler against the
-Inception statistics of the training split (cached once per machine,
-``sde.quality.cache_dir``); bits/dim use ``eval.bpd_num_images`` images of
-``eval.heldout_split``.
+model), TensorBoard scalars under ``eval/`` and prints a table. FID/KID use
+``eval.num_samples`` images from the configured sampler against the Inception statistics of
+the training split (cached once per machine, ``sde.quality.cache_dir``); bits/dim use
+``eval.bpd_num_images`` images of ``eval.heldout_split``. A class-conditional model draws
+the classes of ``sampling.labels`` with ``sampling.guidance``, and the report adds the
+classifier's accuracy against them (per class, confusion matrix) and the bits/dim of each
+held-out image given its class beside the unconditional figure.
 
 Under ``torchrun`` every rank samples, extracts features of and scores its share of the
 batches (batch b on rank b mod world); sums of statistics and per-image values are combined
@@ -26,7 +29,7 @@ import numpy as np
 import torch
 
 from evaluation.points import sliced_wasserstein
-from sde import configuration, data, distributed, environment, images, likelihood
+from sde import conditioning, configuration, data, distributed, environment, images, likelihood
 from sde.checks import require
 from sde.configuration import sampler_options
 from sde.generation import generate
@@ -61,10 +64,14 @@ def _elbo_proposal(config, model, sde, heldout: torch.Tensor, device: torch.devi
     return info["proposal"], info["nfe"]
 
 
-def heldout_metrics(config, model, sde, heldout: torch.Tensor, *,
-                    shard: tuple[int, int] = (0, 1)) -> dict[str, Any]:
+def heldout_metrics(config, model, sde, heldout: torch.Tensor, *, shard: tuple[int, int] = (0, 1),
+                    labels: torch.Tensor | None = None) -> dict[str, Any]:
     """Held-out loss (the training objective, plain weighting) and bits/dim by the
     probability-flow ODE and the ELBO of uint8 images, in batches of ``eval.batch_size``.
+    With ``labels`` (a class-conditional model) also the ODE's bits/dim of each image given
+    its class, -log2 p(x | y) / D, beside the unconditional figure (the null label), with
+    the same dequantization noise and probes. The loss and the ELBO are the null label's
+    (unconditional) figures.
 
     Batch b draws its noise from `_batch_generator` (config.seed, stream, b) and is
     evaluated on rank b mod world; per-image bits/dim and per-batch loss sums are assembled
@@ -78,10 +85,11 @@ def heldout_metrics(config, model, sde, heldout: torch.Tensor, *,
     num_batches = math.ceil(count / batch_size)
     loss_sums = torch.zeros(num_batches, dtype=torch.float64)
     ode_bits = torch.zeros(count, repeats, dtype=torch.float64)
+    conditional_bits = torch.zeros(count, repeats, dtype=torch.float64)
     elbo_bits = torch.zeros(count, repeats, dtype=torch.float64)
     elbo_part_sums = torch.zeros(num_batches, len(ELBO_PARTS), dtype=torch.float64)
     proposal, pilot_nfe = _elbo_proposal(config, model, sde, heldout, device)
-    nfe = torch.tensor([0, pilot_nfe if shard[0] == 0 else 0], dtype=torch.int64)  # (ODE, ELBO)
+    nfe = torch.tensor([0, pilot_nfe if shard[0] == 0 else 0, 0], dtype=torch.int64)  # (ODE, ELBO, ODE | y)
     started = time.perf_counter()
     mine = range(shard[0], num_batches, shard[1])
     bar = progress_bar(desc=f"held-out bits/dim (ODE, ELBO) of {count} images", unit="img",
@@ -101,6 +109,13 @@ def heldout_metrics(config, model, sde, heldout: torch.Tensor, *,
             dequantization=eval_cfg.bpd_dequantization, truncation=eval_cfg.bpd_truncation,
             dequantized_grid=config.data.dequantize)
         ode_bits[rows], nfe[0] = info["per_image"], nfe[0] + info["nfe"]
+        if labels is not None:
+            _, _, info = likelihood.bits_per_dim(
+                model, sde, batch.to(device), repeats=repeats, batch_size=len(batch), labels=labels[rows],
+                generator=_batch_generator(config.seed, BPD_ODE_STREAM, batch_index),
+                dequantization=eval_cfg.bpd_dequantization, truncation=eval_cfg.bpd_truncation,
+                dequantized_grid=config.data.dequantize)
+            conditional_bits[rows], nfe[2] = info["per_image"], nfe[2] + info["nfe"]
         _, _, info = likelihood.elbo_bits_per_dim(
             model, sde, batch.to(device), continuous=config.training.continuous, repeats=repeats,
             batch_size=len(batch), proposal=proposal,
@@ -110,8 +125,9 @@ def heldout_metrics(config, model, sde, heldout: torch.Tensor, *,
         bar.set_postfix(ode_nfe=int(nfe[0]), elbo_nfe=int(nfe[1]), refresh=False)
         bar.update(len(batch))
     bar.close()
-    loss_sums, ode_bits, elbo_bits, elbo_part_sums, nfe = (
-        distributed.sum_over_ranks(tensor) for tensor in (loss_sums, ode_bits, elbo_bits, elbo_part_sums, nfe))
+    loss_sums, ode_bits, elbo_bits, elbo_part_sums, nfe, conditional_bits = (
+        distributed.sum_over_ranks(tensor)
+        for tensor in (loss_sums, ode_bits, elbo_bits, elbo_part_sums, nfe, conditional_bits))
     report: dict[str, Any] = {"heldout_loss": loss_sums.sum().item() / count}
     mean, standard_error, _ = likelihood.mean_and_standard_error(ode_bits)
     report["bpd_ode"] = {"mean": mean, "standard_error": standard_error, "nfe": int(nfe[0]),
@@ -119,6 +135,12 @@ def heldout_metrics(config, model, sde, heldout: torch.Tensor, *,
     if eval_cfg.bpd_dequantization == "truncated_normal":
         report["bpd_ode"].update(truncation=eval_cfg.bpd_truncation, t0=likelihood.truncation_time(
             sde, eval_cfg.bpd_truncation, config.data.dequantize))
+    if labels is not None:
+        mean, standard_error, _ = likelihood.mean_and_standard_error(conditional_bits)
+        difference, difference_error, _ = likelihood.mean_and_standard_error(ode_bits - conditional_bits)
+        report["bpd_ode_given_class"] = {"mean": mean, "standard_error": standard_error, "nfe": int(nfe[2]),
+                                         "gain_over_unconditional": difference,
+                                         "gain_standard_error": difference_error}
     mean, standard_error, _ = likelihood.mean_and_standard_error(elbo_bits)
     parts = elbo_part_sums.sum(0) / (count * repeats)
     report["bpd_elbo"] = {"mean": mean, "standard_error": standard_error, "nfe": int(nfe[1]),
@@ -206,7 +228,7 @@ def check(config) -> None:
         data.validate_data_config(config, evaluation.heldout_split)
     except ValueError as error:
         raise ValueError(f"eval.heldout_split: {error}") from error
-    configuration.check_sampling(config)
+    configuration.check_sampling(config, evaluation.num_samples)  # eval draws eval.num_samples
     if data.get_dataset(config.data.dataset).is_image:
         check_cache_dir(config)
 
@@ -230,10 +252,12 @@ def evaluate(config, workdir: str | Path) -> dict[str, Any]:
                               "environment": running_on}
 
     if data.get_dataset(config.data.dataset).is_image:
-        heldout, _ = data.evaluation_subset(*data.load_dataset(config, split=eval_cfg.heldout_split),
-                                            eval_cfg.bpd_num_images, seed=config.seed)
+        heldout, heldout_labels = data.evaluation_subset(*data.load_dataset(config, split=eval_cfg.heldout_split),
+                                                         eval_cfg.bpd_num_images, seed=config.seed)
         report["heldout"] = {"split": eval_cfg.heldout_split, "num_images": len(heldout)}
-        report.update(heldout_metrics(config, model, sde, heldout, shard=context.shard))
+        conditional = conditioning.num_classes(model) > 0
+        report.update(heldout_metrics(config, model, sde, heldout, shard=context.shard,
+                                      labels=heldout_labels if conditional else None))
 
         inception = inception_for(config, device)
         reference = reference_features(config, inception, shard=context.shard)
@@ -242,7 +266,8 @@ def evaluate(config, workdir: str | Path) -> dict[str, Any]:
             config, model, sde, device, method=config.sampling.method, steps=config.sampling.steps,
             options=sampler_options(config), num_samples=eval_cfg.num_samples,
             inception=inception, reference=reference, classifier=classifier,
-            progress=context.is_main, shard=context.shard)
+            progress=context.is_main, shard=context.shard,
+            labels=configuration.sampling_labels(config, eval_cfg.num_samples), guidance=config.sampling.guidance)
         report["samples"] = quality
         if context.is_main:
             images.save_png(images.image_grid(grid), run.eval / f"samples_step{step}.png")
@@ -262,7 +287,7 @@ def _scalars(report: dict[str, Any]) -> dict[str, float]:
     scalars = {}
     if "heldout_loss" in report:
         scalars["heldout_loss"] = report["heldout_loss"]
-    for key in ("bpd_ode", "bpd_elbo", "nll_ode"):
+    for key in ("bpd_ode", "bpd_ode_given_class", "bpd_elbo", "nll_ode"):
         if key in report:
             scalars[key] = report[key]["mean"]
     quality = report.get("samples", {})
@@ -272,6 +297,8 @@ def _scalars(report: dict[str, Any]) -> dict[str, float]:
     if "classifier" in quality:
         scalars["classifier_confidence"] = quality["classifier"]["mean_confidence"]
         scalars["class_histogram_tv"] = quality["classifier"]["histogram_tv_from_uniform"]
+        if "accuracy" in quality["classifier"]:
+            scalars["class_accuracy"] = quality["classifier"]["accuracy"]
     return scalars
 
 
@@ -301,7 +328,8 @@ def format_report(report: dict[str, Any]) -> str:
         if "true_mean" in nll:
             value += f"; true {nll['true_mean']:.4f}, mean |error| {nll['mean_abs_error']:.2e}"
         rows.append(("-log p (ODE)", value))
-    for key, label in (("bpd_ode", "bits/dim (ODE)"), ("bpd_elbo", "bits/dim (ELBO)")):
+    for key, label in (("bpd_ode", "bits/dim (ODE)"), ("bpd_ode_given_class", "bits/dim given class (ODE)"),
+                       ("bpd_elbo", "bits/dim (ELBO)")):
         if key in report:
             value = f"{report[key]['mean']:.4f} ± {report[key]['standard_error']:.4f}"
             if "dequantization" in report[key]:
@@ -324,5 +352,8 @@ def format_report(report: dict[str, Any]) -> str:
             rows.append(("classifier confidence", f"{c['mean_confidence']:.4f}"))
             rows.append(("class histogram", f"{c['class_histogram']} (TV from uniform "
                                             f"{c['histogram_tv_from_uniform']:.4f})"))
+            if "accuracy" in c:
+                rows.append(("class asked for, recognised", f"{c['accuracy']:.4f}  (guidance "
+                                                             f"{quality['guidance']:g})"))
     width = max(len(label) for label, _ in rows)
     return "\n".join(f"{label:<{width}}  {value}" for label, value in rows)

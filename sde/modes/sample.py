@@ -7,7 +7,11 @@ setting resolved (``resolved_options``), steps, NFE, seed,
 wall time, checkpoint), and with ``sampling.save_trajectory`` ``<name>_trajectory.png``:
 rows of x_T -> x_0 for a few samples, then rows of the forward noising of real images at
 the same times. Point data always get ``<name>_flow.png`` (``sde.toy_figures``): the data
-noised forward and the sampler's way back, with reverse SDE and ODE paths.
+noised forward and the sampler's way back, with reverse SDE and ODE paths. A class-conditional
+model draws the classes of ``sampling.labels`` with guidance ``sampling.guidance``
+(``sde.conditioning``): the labels are in the .npz (``labels``) and the .json, the name ends
+in ``_balanced`` / ``_class<k>`` / ``_labels`` and ``_w<guidance>``, and the grid is ordered by
+class (balanced labels: one class per row).
 
 Memory stays flat in ``num_samples``: batches are written into the .npz's array as they
 come (one deflated zip member, as ``np.savez_compressed`` writes it) and only the grid's
@@ -26,7 +30,7 @@ from typing import Any, BinaryIO, Iterable, Iterator
 import numpy as np
 import torch
 
-from sde import configuration, data, distributed, environment, images, randomness, samplers, toy_figures
+from sde import conditioning, configuration, data, distributed, environment, images, randomness, samplers, toy_figures
 from sde.checkpoint import atomic_write
 from sde.configuration import sampler_options
 from sde.generation import generate, sample_generators
@@ -39,8 +43,9 @@ TRAJECTORY_ROWS = 4      # samples shown in the reverse-process strip
 TRAJECTORY_COLUMNS = 10  # frames per strip, x_T ... x_0
 
 
-def _trajectory(config, model, sde, device, options) -> np.ndarray:
-    """Reverse-process frames of a few samples above the forward noising of real images."""
+def _trajectory(config, model, sde, device, options, labels: torch.Tensor | None = None) -> np.ndarray:
+    """Reverse-process frames of a few samples (the first ones of the run, with their labels)
+    above the forward noising of real images."""
     frames: list[torch.Tensor] = []
     states: list[dict[str, Any]] = []
 
@@ -53,8 +58,10 @@ def _trajectory(config, model, sde, device, options) -> np.ndarray:
     x_T = torch.cat([sde.prior_sampling((1,) + shape[1:], generator=g, device=device) for g in generators])
     keep({"i": -1, "t": sde.T, "x": x_T})
     with torch.no_grad():
-        x, _ = samplers.sample(config.sampling.method, model, sde, shape, steps=config.sampling.steps,
-                               generator=generators, disable=True, callback=keep, x_T=x_T, **options)
+        first = None if labels is None else labels[torch.arange(TRAJECTORY_ROWS) % len(labels)]
+        x, _ = samplers.sample(config.sampling.method, conditioning.bind(model, first, config.sampling.guidance),
+                               sde, shape, steps=config.sampling.steps, generator=generators, disable=True,
+                               callback=keep, x_T=x_T, **options)
     picks = np.linspace(0, len(frames) - 1, TRAJECTORY_COLUMNS - 1).round().astype(int)
     reverse = [frames[i] for i in picks] + [x.float().cpu()]
     frame_times = [state["t"] for state in states]
@@ -82,8 +89,8 @@ def _stored(config, x: torch.Tensor) -> torch.Tensor:
     return data.float_to_uint8(x, dequantized=config.data.dequantize)
 
 
-def _batches_in_order(config, model, sde, context: distributed.Context,
-                      options: dict[str, Any]) -> Iterator[tuple[int, torch.Tensor, int]]:
+def _batches_in_order(config, model, sde, context: distributed.Context, options: dict[str, Any],
+                      labels: torch.Tensor | None = None) -> Iterator[tuple[int, torch.Tensor, int]]:
     """(first index, stored batch, NFE) of every batch in index order on rank 0; nothing on
     the other ranks, which only take part in the gathers.
 
@@ -93,7 +100,7 @@ def _batches_in_order(config, model, sde, context: distributed.Context,
     cfg = config.sampling
     produced = generate(config, model, sde, context.device, num_samples=cfg.num_samples,
                         seed=cfg.seed, method=cfg.method, steps=cfg.steps, options=options,
-                        shard=context.shard, progress=context.is_main)
+                        shard=context.shard, progress=context.is_main, labels=labels, guidance=cfg.guidance)
     if context.world_size == 1:
         yield from ((first, _stored(config, x), info["nfe"]) for first, x, info in produced)
         return
@@ -117,10 +124,11 @@ def _batches_in_order(config, model, sde, context: distributed.Context,
 
 
 def write_npz_rows(handle: BinaryIO, key: str, shape: tuple[int, ...], dtype: np.dtype,
-                   blocks: Iterable[np.ndarray]) -> None:
+                   blocks: Iterable[np.ndarray], extra: dict[str, np.ndarray] | None = None) -> None:
     """An .npz with one array ``key`` of ``shape``, streamed from row blocks in order: the
     .npy header, then each block's bytes into one deflated zip member (``np.load`` reads it
-    as a file of ``np.savez_compressed``). The blocks must hold exactly ``shape[0]`` rows."""
+    as a file of ``np.savez_compressed``). The blocks must hold exactly ``shape[0]`` rows.
+    ``extra`` arrays (small, e.g. the samples' labels) are written whole beside it."""
     dtype = np.dtype(dtype)
     header = {"descr": np.lib.format.dtype_to_descr(dtype), "fortran_order": False, "shape": tuple(shape)}
     rows = 0
@@ -135,6 +143,9 @@ def write_npz_rows(handle: BinaryIO, key: str, shape: tuple[int, ...], dtype: np
                 if rows > shape[0]:
                     raise ValueError(f"more than the {shape[0]} rows of {key}")
                 member.write(block.tobytes())
+        for name, array in (extra or {}).items():
+            with archive.open(f"{name}.npy", "w", force_zip64=True) as member:
+                np.lib.format.write_array(member, np.asarray(array))
     if rows != shape[0]:
         raise ValueError(f"{key} got {rows} of its {shape[0]} rows")
 
@@ -161,11 +172,13 @@ def sample(config, workdir: str | Path) -> dict[str, Any]:
                                       show=context.is_main)
     cfg = config.sampling
     options = sampler_options(config)
-    name = f"{cfg.method}_{cfg.steps}steps_seed{cfg.seed}"
+    labels = configuration.sampling_labels(config)
+    name = (f"{cfg.method}_{cfg.steps}steps_seed{cfg.seed}{conditioning.describe_labels(labels, cfg.labels)}"
+            f"{f'_w{cfg.guidance:g}' if cfg.guidance else ''}")
     points = not data.get_dataset(config.data.dataset).is_image
 
     start = time.perf_counter()
-    batches = _batches_in_order(config, model, sde, context, options)
+    batches = _batches_in_order(config, model, sde, context, options, labels)
     if not context.is_main:
         for _ in batches:  # take part in every gather
             pass
@@ -185,7 +198,8 @@ def sample(config, workdir: str | Path) -> dict[str, Any]:
     npz_path = samples_dir / f"{name}.npz"
     key, dtype = ("points", np.float32) if points else ("images", np.uint8)
     atomic_write(npz_path, lambda handle: write_npz_rows(
-        handle, key, data.sample_shape(config, cfg.num_samples), dtype, blocks()))
+        handle, key, data.sample_shape(config, cfg.num_samples), dtype, blocks(),
+        extra=None if labels is None else {"labels": labels.numpy()}))
     wall_time = time.perf_counter() - start
 
     if points:
@@ -195,13 +209,15 @@ def sample(config, workdir: str | Path) -> dict[str, Any]:
                               reference=reference[:2000].numpy())
         toy_figures.flow_figure(config, model, sde, context.device, options, samples_dir / f"{name}_flow.png")
     else:
-        images.save_png(images.image_grid(np.concatenate(grid)), samples_dir / f"{name}.png")
+        images.save_png(images.image_grid(conditioning.by_class(np.concatenate(grid), labels)),
+                        samples_dir / f"{name}.png")
         if cfg.save_trajectory:
-            images.save_png(_trajectory(config, model, sde, context.device, options),
+            images.save_png(_trajectory(config, model, sde, context.device, options, labels),
                             samples_dir / f"{name}_trajectory.png")
     record = {"sampler": cfg.method, "options": options,
               "resolved_options": samplers.reported_options(cfg.method, sde, options), "steps": cfg.steps,
               "nfe_per_sample": nfe, "num_samples": cfg.num_samples, "seed": cfg.seed,
+              **({} if labels is None else {"labels": labels.tolist(), "guidance": cfg.guidance}),
               "wall_time_s": wall_time, "processes": context.world_size,
               "checkpoint": source, "checkpoint_step": step, "sde": repr(sde), "environment": running_on,
               "files": {"grid": f"{name}.png", "samples": f"{name}.npz",

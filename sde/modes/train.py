@@ -21,10 +21,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch import Tensor
 from torch.utils.tensorboard import SummaryWriter
 
-from sde import checkpoint, configuration, data, distributed, environment, randomness, samplers
+from sde import checkpoint, conditioning, configuration, data, distributed, environment, randomness, samplers
 from sde.checks import require
+from sde.conditioning import labelled
 from sde.configuration import sampler_options
 from sde.divergence import DivergenceGuard, TrainingDiverged
 from sde.inference import load_weights
@@ -160,13 +162,30 @@ class _StopRequest:
 
 
 def sample_grid(config, ema_model: torch.nn.Module, sde, device: torch.device, count: int = 64):
-    """A fixed-seed batch from the configured sampler (for TensorBoard / PNG during training)."""
+    """A fixed-seed batch from the configured sampler (for TensorBoard / PNG during training);
+    a conditional network draws the classes in turn (one per grid column), unguided."""
     shape = data.sample_shape(config, count)
     generator = torch.Generator(device=device).manual_seed(config.sampling.seed)
-    x, _ = samplers.sample(config.sampling.method, ema_model, sde, shape,
+    classes = conditioning.num_classes(ema_model)
+    labels = (conditioning.resolve_labels(conditioning.BALANCED, count, classes, trained=tuple(config.data.classes))
+              if classes else None)
+    x, _ = samplers.sample(config.sampling.method, conditioning.bind(ema_model, labels), sde, shape,
                            steps=config.sampling.steps, generator=generator, disable=True,
                            **sampler_options(config))
     return x
+
+
+def drop_labels(labels: Tensor, num_classes: int, probability: float, generator: torch.Generator,
+                shard: tuple[int, int]) -> Tensor:
+    """Labels with each replaced by the null label ``num_classes`` with ``probability``: the
+    unconditional branch of classifier-free guidance, trained by the same steps (Ho & Salimans
+    2022, Algorithm 1). The draws are for the global batch (this rank keeps its rows), so a
+    run on several processes drops the labels a single process would."""
+    rank, world = shard
+    batch = labels.shape[0]
+    uniform = randomness.rand((batch * world,), generator=generator, device=labels.device)[
+        rank * batch:(rank + 1) * batch]
+    return torch.where(uniform < probability, torch.full_like(labels, num_classes), labels)
 
 
 def check(config) -> None:
@@ -210,7 +229,7 @@ def run(config, workdir: str | Path) -> dict[str, Any]:
 RESUME_KEYS = {
     "sde": None,  # every key
     "model": ("name", "nf", "ch_mult", "num_res_blocks", "attn_resolutions", "embedding_type",
-              "fourier_scale", "skip_rescale", "num_layers"),
+              "fourier_scale", "skip_rescale", "num_layers", "num_classes"),
     "data": ("dataset", "split", "classes", "image_size", "num_channels", "dequantize", "toy_name",
              "toy_num_samples"),
     "training": ("continuous",),
@@ -285,6 +304,7 @@ def _train(config, run: Workdir, context: distributed.Context) -> dict[str, Any]
 
     train_cfg = config.training
     stream = data.create_batch_stream(config, rank=context.rank, world_size=context.world_size)
+    classes = config.model.num_classes  # > 0: the stream yields (images, labels)
 
     model = create_model(config).to(device)
     if context.world_size > 1:
@@ -374,13 +394,16 @@ def _train(config, run: Workdir, context: distributed.Context) -> dict[str, Any]
                             disable=not context.is_main)
     with _StopRequest() as stop, contextlib.closing(progress):  # the bar ends before any error line
         while step < train_cfg.n_iters:
-            x0 = batches.take()
+            x0, labels = batches.take() if classes else (batches.take(), None)
             lr = learning_rate(config, step)
             for group in optimizer.param_groups:
                 group["lr"] = lr
             optimizer.zero_grad(set_to_none=True)
             with autocast_context(device, mode):
-                loss = loss_fn(train_model, x0, generator=noise_generator, shard=context.shard)
+                if classes:
+                    labels = drop_labels(labels, classes, config.model.label_dropout, noise_generator,
+                                         context.shard)
+                loss = loss_fn(labelled(train_model, labels), x0, generator=noise_generator, shard=context.shard)
             scaler.scale(loss).backward()
             scaler.unscale_(optimizer)
             grad_norm = torch.nn.utils.clip_grad_norm_(
