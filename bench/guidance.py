@@ -195,8 +195,11 @@ def render(result: dict) -> str:
         reading.append(f"Unguided (w = 0) FID {unguided['fid']:.2f} against the unconditional release's "
                        f"{release['fid']:.2f} at the same sampler and steps; the same network without labels: "
                        f"{null['fid']:.2f}.")
-    if "figures" in result:
-        reading.append("Figures: " + ", ".join(f"`{figure}`" for figure in result["figures"]) + ".")
+    figures = result.get("figures", [])
+    if figures:
+        reading.append(f"At the lowest FID: the confusion matrix `{figures[1]}` and the class grid `{figures[2]}` "
+                       f"(the README's).")
+        lines += ["", f"![FID and class accuracy against the guidance scale]({figures[0]})"]
     return "\n".join(lines) + "\n\n" + format_reading(reading)
 
 
