@@ -664,3 +664,35 @@ def test_heldout_metrics_use_the_configured_dequantization():
     assert truncated["truncation"] == config.eval.bpd_truncation
     assert truncated["t0"] == likelihood.truncation_time(sde, config.eval.bpd_truncation)
     assert 0 < truncated["mean"] != reports["uniform"]["mean"] > 0
+
+
+def test_heldout_metrics_report_each_image_in_order():
+    """The per-image bits/dim of --mode eval's report: one value per held-out image, whose mean
+    is the reported mean, each in its image's place (so that two reports of the same subset
+    pair image by image): the last batch's image is the value the likelihood gives it alone,
+    with that batch's noise."""
+    from conftest import make_tiny_config
+    from sde import data
+    from sde.models import create_model
+    from sde.modes.evaluate import BPD_ODE_STREAM, _batch_generator, heldout_metrics
+    from sde.sdes import create_sde
+
+    config = make_tiny_config()
+    config.eval.batch_size = 1
+    torch.manual_seed(0)
+    model = create_model(config).eval()
+    with torch.no_grad():  # the output layer starts at zero: make the network depend on its input
+        for parameter in model.parameters():
+            parameter.add_(0.02 * torch.randn_like(parameter))
+    sde = create_sde(config)
+    digit = data.load_dataset(config)[0][:1]
+    heldout = torch.cat([torch.full_like(digit, 255), digit])  # far apart in bits/dim
+    report = heldout_metrics(config, model, sde, heldout)
+    for key in ("bpd_ode", "bpd_elbo"):
+        values = report[key]["per_image"]
+        assert len(values) == 2 and abs(sum(values) / 2 - report[key]["mean"]) < 1e-5
+    _, _, alone = likelihood.bits_per_dim(model, sde, heldout[1:], batch_size=1,
+                                          generator=_batch_generator(config.seed, BPD_ODE_STREAM, 1))
+    ode = report["bpd_ode"]["per_image"]
+    assert ode[1] == pytest.approx(alone["per_image"].item(), abs=1e-5)
+    assert abs(ode[1] - ode[0]) > 1e-2  # a value in the wrong place would fail
