@@ -21,8 +21,8 @@ from bench.common import REPO, RESULTS, provenance
 
 #: The protocol benchmarks, in the order of the file: the toolkit's headline results.
 PROTOCOL = ("quick_run", "release_eval", "sampler_quality", "peer_samplers", "sampler_schedules", "likelihood_speed",
-            "latent_reconstruction", "inpainting", "inpainting_fid", "guidance", "inception_speed", "train_throughput",
-            "sampling_overhead", "fault_injection", "gpu_check")
+            "latent_reconstruction", "inpainting", "inpainting_fid", "guidance", "sde_comparison", "inception_speed",
+            "train_throughput", "sampling_overhead", "fault_injection", "gpu_check")
 #: Protocol benchmarks that no run has measured yet, and what they wait for; the contents
 #: say so until their results file exists.
 AWAITING = {"gpu_check": "needs a CUDA GPU; on a CPU it runs its small check, as CI does, and writes nothing"}
