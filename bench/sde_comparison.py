@@ -42,8 +42,8 @@ from pathlib import Path
 
 import torch
 
-from bench.common import REPO, add_write_options, format_reading, paired, plot_path, repo_relative, table, \
-    write_result
+from bench.common import REPO, add_write_options, format_reading, load_config, paired, plot_path, repo_relative, \
+    table, write_result
 
 NAME, TITLE = "sde_comparison", "Discrete DDPM against the VP, sub-VP and VE SDEs on MNIST"
 #: The formulations, by name: (config file, what it is).
@@ -199,8 +199,6 @@ def noise_levels(name: str) -> dict[str, float]:
     from sde.likelihood.common import DEFAULT_EPS as LIKELIHOOD_EPS
     from sde.samplers.spec import DEFAULT_EPS as SAMPLER_EPS
     from sde.sdes import create_sde
-
-    from bench.common import load_config
 
     sde = create_sde(load_config(FORMULATIONS[name][0]))
     level = {}
