@@ -4,6 +4,8 @@
     python -m bench.sampler_quality --num-samples 300 --long-steps 0   # a cheaper subset
     python -m bench.sampler_quality --samplers dpm_solver_sde --nfe 10 --long-steps 0 \
         --runs dpm_solver_sde:10:eta=0.5                 # a rung plus a variant beside it
+    python -m bench.sampler_quality --samplers dpm_solver_sde --nfe 10 --long-steps 0 \
+        --seed 5 --no-write                              # held-out sampling seeds, to fit options on
 
 The protocol on MNIST-10k (trained on the MNIST test split, held out on train5k): each
 fixed-step sampler at 10, 20, 50 and 100 network evaluations per sample (``steps_for_nfe``:
@@ -262,6 +264,8 @@ def main() -> None:
     parser.add_argument("--samplers", nargs="+", default=None, help="default: every registered sampler")
     parser.add_argument("--runs", nargs="+", default=[], metavar="METHOD:STEPS[:KEY=VALUE,...]",
                         help="extra runs with explicit options, e.g. dpm_solver_sde:10:eta=0.5")
+    parser.add_argument("--seed", type=int, default=None,
+                        help="sampling seed (default: the config's sampling.seed, the protocol's)")
     parser.add_argument("--reference-num-images", type=int, default=0,
                         help="training images in the FID reference (0: all 10k, the protocol)")
     add_run_options(parser)
@@ -272,6 +276,8 @@ def main() -> None:
         parser.error(f"unknown sampler(s) {unknown}; accepted: {', '.join(samplers.available())}")
     if args.num_samples < 2:
         parser.error("--num-samples must be >= 2 (FID needs a covariance)")
+    if args.seed is not None and args.seed < 0:
+        parser.error(f"--seed must be >= 0, got {args.seed}")
     if not Path(args.checkpoint).is_file():
         parser.error(f"--checkpoint {args.checkpoint} does not exist")
     apply_threads(args)
@@ -279,6 +285,8 @@ def main() -> None:
     config = load_config(args.config)
     config.sampling.batch_size = args.batch_size
     config.eval.reference_num_images = args.reference_num_images
+    if args.seed is not None:
+        config.sampling.seed = args.seed
     device = torch.device("cpu")
     sde = create_sde(config)
     extra_runs = []
