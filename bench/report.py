@@ -27,7 +27,8 @@ PROTOCOL = ("quick_run", "release_eval", "sampler_quality", "peer_samplers", "sa
 #: say so until their results file exists.
 AWAITING = {"gpu_check": "needs a CUDA GPU; on a CPU it runs its small check, as CI does, and writes nothing"}
 #: One-off investigations (``bench.investigations``).
-INVESTIGATIONS = ("dequantization", "checkpoint_bpd", "elbo_by_noise_level", "diffusers_sde_order3", "train_loop_ab")
+INVESTIGATIONS = ("dequantization", "checkpoint_bpd", "elbo_by_noise_level", "diffusers_sde_order3", "train_loop_ab",
+                  "likelihood_multistep")
 BENCHMARKS = REPO / "BENCHMARKS.md"
 
 INTRO = """\
