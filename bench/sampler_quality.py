@@ -5,7 +5,7 @@
     python -m bench.sampler_quality --samplers dpm_solver_sde --nfe 10 --long-steps 0 \
         --runs dpm_solver_sde:10:eta=0.5                 # a rung plus a variant beside it
     python -m bench.sampler_quality --samplers dpm_solver_sde --nfe 10 --long-steps 0 \
-        --seed 5 --no-write                              # held-out sampling seeds, to fit options on
+        --seed 5 --no-write     # a held-out sampling seed, to fit options on (runs stored, results untouched)
 
 The protocol on MNIST-10k (trained on the MNIST test split, held out on train5k): each
 fixed-step sampler at 10, 20, 50 and 100 network evaluations per sample (``steps_for_nfe``:
@@ -276,8 +276,8 @@ def main() -> None:
         parser.error(f"unknown sampler(s) {unknown}; accepted: {', '.join(samplers.available())}")
     if args.num_samples < 2:
         parser.error("--num-samples must be >= 2 (FID needs a covariance)")
-    if args.seed is not None and args.seed < 0:
-        parser.error(f"--seed must be >= 0, got {args.seed}")
+    if args.seed is not None and not 0 <= args.seed < 2 ** 63:
+        parser.error(f"--seed must lie in [0, 2^63), got {args.seed}")
     if not Path(args.checkpoint).is_file():
         parser.error(f"--checkpoint {args.checkpoint} does not exist")
     apply_threads(args)
@@ -285,6 +285,7 @@ def main() -> None:
     config = load_config(args.config)
     config.sampling.batch_size = args.batch_size
     config.eval.reference_num_images = args.reference_num_images
+    protocol_seed = config.sampling.seed
     if args.seed is not None:
         config.sampling.seed = args.seed
     device = torch.device("cpu")
@@ -316,7 +317,9 @@ def main() -> None:
             store_path.write_text(json.dumps(store, indent=1, default=str))
         return store[key]
 
-    floor = cached(f"floor|{args.num_samples}|{config.eval.heldout_split}|{reference.count}",
+    # the floor's KID subsets follow the seed: another seed's floor is stored apart
+    floor_seed = "" if config.sampling.seed == protocol_seed else f"|seed {config.sampling.seed}"
+    floor = cached(f"floor|{args.num_samples}|{config.eval.heldout_split}|{reference.count}{floor_seed}",
                    lambda: real_floor(config, config.eval.heldout_split, args.num_samples,
                                       inception, reference, config.sampling.seed, device))
     prefix = f"{weights_digest}|{args.num_samples}|{reference.count}|{config.sampling.seed}|"
@@ -341,7 +344,8 @@ def main() -> None:
                             run_settings=json.loads(run_settings)))
 
     plot = plot_path(args, NAME)
-    fid_vs_nfe_plot(measured_ladder(store, prefix, sde), plot)
+    if not args.no_write:  # the plot belongs to the results file: --no-write leaves both alone
+        fid_vs_nfe_plot(measured_ladder(store, prefix, sde), plot)
     result = {"model": {"checkpoint": repo_relative(source), "step": step, "weights_digest": weights_digest},
               "num_samples": args.num_samples, "seed": config.sampling.seed,
               "reference_images": reference.count, "nfe_budgets": sorted(args.nfe),

@@ -230,11 +230,11 @@ def test_compiled_training_runs_and_matches_eager_training(tmp_path, monkeypatch
     trains as the eager one does. The graphs are captured (TorchDynamo) and differentiated
     (AOTAutograd) as on any backend, but run by the aot_eager backend: inductor's C++ code
     generation is torch's, not ours, and costs minutes of compiler time on a CPU."""
-    compiled, compile_with_inductor = [], torch.compile
+    compiled, original_compile = [], torch.compile
 
     def compile_for_test(module, **options):
         compiled.append(module)
-        return compile_with_inductor(module, backend="aot_eager", **options)
+        return original_compile(module, backend="aot_eager", **options)
 
     eager = train(tiny_config(n_iters=2), tmp_path / "eager")
     monkeypatch.setattr(torch, "compile", compile_for_test)

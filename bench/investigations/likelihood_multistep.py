@@ -7,15 +7,18 @@
 The toolkit's likelihood (``sde.likelihood.ode_log_likelihood``) integrates the augmented
 probability-flow ODE with adaptive dopri5: five or six network evaluations per step. A
 multistep method pays one per step, reusing the denoised estimates of earlier steps. Here the
-state x follows the exponential integrator of DPM-Solver++(3M) in the log-SNR lambda, run
-from the data (lambda(eps)) to the prior (lambda(T)): with x~ = x / alpha, h = lambda_next -
-lambda and x0_hat = (x - sigma eps_theta) / alpha (Lu et al. 2022b, eq. 9 and App. B; the
-third-order form of k-diffusion's ``sample_dpmpp_3m_sde`` at eta = 0),
+state x follows a third-order exponential multistep integrator in the log-SNR lambda (the
+multistep DPM-Solver++ of Lu et al. 2022b, eq. 9), run from the data (lambda(eps)) to the
+prior (lambda(T)). With x~ = x / alpha, h = lambda_next - lambda and x0_hat = (x - sigma
+eps_theta) / alpha, the exact step is x~_next = e^(-h) x~ + int_0^h e^(tau - h) x0_hat(lambda +
+tau) dtau; x0_hat's Taylor polynomial m + tau m' + tau^2 m''/2 integrates to
 
-    x~_next = e^(-h) x~ + (1 - e^(-h)) x0_hat + phi_2 D_1 - phi_3 D_2,
+    x~_next = e^(-h) x~ + (1 - e^(-h)) m + phi_2 h m' - phi_3 h^2 m'',
     phi_2 = (e^(-h) - 1) / h + 1,  phi_3 = phi_2 / h - 1/2,
 
-with D_1, D_2 the first and second divided differences of x0_hat over the last three points.
+where the last three points give h m' ~ D_1 and h^2 m'' ~ 2 D_2 (D_2 the second divided
+difference as k-diffusion's ``sample_dpmpp_3m_sde`` forms it, which weighs it by phi_3 alone
+and so is of second order).
 The log-density change delta = int div_x (dx/dlambda) dlambda takes the trapezoidal rule over
 the same points (the divergence by one Hutchinson probe, as the toolkit's). Steps are
 uniform in lambda; NFE = steps + 1. Each run is scored against a float64 reference (dopri5 at
@@ -29,6 +32,7 @@ import argparse
 import copy
 import math
 import time
+from pathlib import Path
 
 import torch
 
@@ -38,7 +42,6 @@ from sde import likelihood
 from sde.data import evaluation_subset, load_dataset, uint8_to_float
 from sde.inference import load_ema_model
 from sde.likelihood.common import counted_network
-from sde.likelihood.ode import _AugmentedFlow
 from sde.sdes import VPSDE, create_sde
 
 NAME, TITLE = "likelihood_multistep", "Likelihood by a fixed-step multistep integrator"
@@ -46,10 +49,18 @@ Tensor = torch.Tensor
 
 
 def multistep_log_likelihood(model, sde, x: Tensor, probe: Tensor, *, eps: float, steps: int) -> tuple[Tensor, int]:
-    """log p_eps(x) [B] by DPM-Solver++(3M) for x and the trapezoid for delta (module
-    docstring); returns it and the network evaluations."""
+    """log p_eps(x) [B] by the third-order exponential multistep for x and the trapezoid for
+    delta (module docstring); returns it and the network evaluations."""
     counted, _ = counted_network(model, x)
-    flow = _AugmentedFlow(counted, sde, "t", "rademacher", probe)
+
+    def eps_and_divergence(state: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
+        """eps_theta and its Hutchinson divergence v^T (d eps / dx) v, one vector-Jacobian product."""
+        with torch.enable_grad():
+            x_in = state.detach().to(counted.dtype).requires_grad_(True)
+            eps_hat = counted(x_in, t)
+            (vjp,) = torch.autograd.grad(eps_hat, x_in, probe.to(eps_hat.dtype))
+        return eps_hat.detach().double(), (vjp.double() * probe).flatten(1).sum(1)
+
     ends = sde.log_snr(torch.tensor([eps, sde.T], dtype=torch.float64))
     lam = ends[0] + torch.linspace(0.0, 1.0, steps + 1, dtype=torch.float64) * (ends[1] - ends[0])
     t = sde.t_from_log_snr(lam).double()
@@ -60,14 +71,14 @@ def multistep_log_likelihood(model, sde, x: Tensor, probe: Tensor, *, eps: float
     denoised, rate = [], None
     with torch.no_grad():
         for k in range(steps + 1):
-            eps_hat, div_eps = flow._eps_and_divergence(state, t[k].expand(batch))
+            eps_hat, div_eps = eps_and_divergence(state, t[k].expand(batch))
             new_rate = sigma[k] ** 2 * dims - sigma[k] * div_eps  # d delta / d lambda on VP
             if rate is not None:
                 delta = delta + 0.5 * (rate + new_rate) * (lam[k] - lam[k - 1])
             rate = new_rate
             if k == steps:
                 break
-            denoised.append((state - sigma[k] * eps_hat) / alpha[k])
+            denoised = denoised[-2:] + [(state - sigma[k] * eps_hat) / alpha[k]]
             h = lam[k + 1] - lam[k]
             phi_2 = torch.expm1(-h) / h + 1.0
             scaled = torch.exp(-h) * state / alpha[k] - torch.expm1(-h) * denoised[-1]
@@ -77,7 +88,7 @@ def multistep_log_likelihood(model, sde, x: Tensor, probe: Tensor, *, eps: float
                 d1_1 = (denoised[-2] - denoised[-3]) / r1
                 d_1 = d1_0 + (d1_0 - d1_1) * r0 / (r0 + r1)
                 d_2 = (d1_0 - d1_1) / (r0 + r1)
-                scaled = scaled + phi_2 * d_1 - (phi_2 / h - 0.5) * d_2
+                scaled = scaled + phi_2 * d_1 - 2.0 * (phi_2 / h - 0.5) * d_2
             elif len(denoised) == 2:
                 scaled = scaled + phi_2 * (denoised[-1] - denoised[-2]) / ((lam[k] - lam[k - 1]) / h)
             state = alpha[k + 1] * scaled
@@ -123,8 +134,17 @@ def main() -> None:
     parser.add_argument("--reference-tol", type=float, default=1e-6)
     add_run_options(parser)
     args = parser.parse_args()
-    if min(args.steps) < 1 or args.num_images < 1:
-        parser.error("--steps and --num-images must be >= 1")
+    if min(args.steps) < 1:
+        parser.error(f"--steps must be >= 1, got {min(args.steps)}")
+    if args.num_images < 1:
+        parser.error(f"--num-images must be >= 1, got {args.num_images}")
+    if not 0 <= args.seed < 2 ** 63:
+        parser.error(f"--seed must lie in [0, 2^63), got {args.seed}")
+    if not 0 < args.reference_tol <= 1e-4:
+        parser.error(f"--reference-tol must lie in (0, 1e-4] (a reference tighter than the default's 1e-4), "
+                     f"got {args.reference_tol}")
+    if not Path(args.checkpoint).is_file():
+        parser.error(f"--checkpoint {args.checkpoint} does not exist")
     apply_threads(args)
     config = load_config(args.config)
     config.data.download = False
@@ -132,7 +152,10 @@ def main() -> None:
     if not isinstance(sde, VPSDE):
         parser.error(f"the multistep update assumes the VP SDE; {args.config} has {type(sde).__name__}")
     model, source, step = load_ema_model(config, "", torch.device("cpu"), args.checkpoint)
-    images, _ = evaluation_subset(*load_dataset(config, "train5k"), args.num_images, seed=args.seed)
+    heldout = load_dataset(config, "train5k")
+    if args.num_images > len(heldout[0]):
+        parser.error(f"--num-images must be at most the {len(heldout[0])} train5k images, got {args.num_images}")
+    images, _ = evaluation_subset(*heldout, args.num_images, seed=args.seed)
     dims = images[0].numel()
     generator = torch.Generator().manual_seed(args.seed)
     x = uint8_to_float(images, dequantize=True, generator=generator)
@@ -162,7 +185,7 @@ def main() -> None:
     for steps in sorted(args.steps):
         start = time.perf_counter()
         logp, nfe = multistep_log_likelihood(model, sde, x, probe, eps=eps, steps=steps)
-        rows.append(row(f"3M, {steps} steps", bpd_of(logp), nfe, time.perf_counter() - start))
+        rows.append(row(f"multistep, {steps} steps", bpd_of(logp), nfe, time.perf_counter() - start))
     result = {"model": {"checkpoint": repo_relative(source), "step": step}, "num_images": len(images),
               "reference_tol": args.reference_tol, "reference_bpd": reference.mean().item(),
               "eps": eps, "rows": rows}
